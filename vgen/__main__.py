@@ -1,0 +1,5 @@
+import sys
+
+from vgen.cli import main
+
+sys.exit(main())
