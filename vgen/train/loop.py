@@ -1,0 +1,447 @@
+"""The one training loop: every :class:`~vgen.train.task.TrainTask` (tokenizers, generators) runs through it.
+
+The loop owns what every run needs and a task should not repeat: AdamW with decoupled weight decay on >=2-D
+weights only, warmup + cosine/linear decay, gradient clipping, an optional EMA copy, mixed precision on CUDA,
+DDP under ``torchrun``, a deterministic data order, JSONL logs, atomic checkpoints with exact resume, sample grids
+and the final export. Outputs of a run, under ``TrainConfig.out_dir``::
+
+    config.yaml                      # the resolved run config (task + train sections)
+    log.jsonl                        # one line per log step: step, lr, loss, task metrics, grad_norm, seconds
+    checkpoints/step_0000100.pt      # model, EMA, optimizer, grad scaler, step, RNG states, config
+    checkpoints/latest.pt
+    samples/step_0000100.png         # task.sample_grid(...)
+    final/                           # task.export(EMA model if enabled, else the model)
+
+Exact resume: the batches of optimiser step ``s`` depend only on ``(seed, s)`` (the epoch is ``s //
+steps_per_epoch`` and resuming skips to the right position inside it), and every rank's RNG states are saved, so
+``resume=True`` continues the loss curve of an uninterrupted run (bit-exact in fp32 on CPU). Random augmentations
+drawn inside data-loader workers are the exception: worker seeds depend on ``(seed, start step, rank)``, so those
+streams restart at the resume point.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data.distributed import DistributedSampler
+from tqdm.auto import tqdm
+
+from vgen.config import save_config, to_dict
+from vgen.errors import UserError
+from vgen.train.checkpoint import (
+    LATEST,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    step_filename,
+)
+from vgen.train.distributed import (
+    DistContext,
+    barrier,
+    gather_objects,
+    mean_across_ranks,
+    setup_distributed,
+    teardown_distributed,
+)
+from vgen.train.ema import EMA
+from vgen.train.task import TrainTask
+
+SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    """The ``train:`` section of a run config."""
+
+    steps: int = 1000
+    #: batch size of each process (the global batch is ``batch_size * world_size``).
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    #: max global gradient norm; 0 turns clipping off (the norm is still logged).
+    grad_clip: float = 2.0
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    #: the learning rate decays to ``lr * min_lr_ratio`` at ``steps`` (cosine and linear schedules).
+    min_lr_ratio: float = 0.0
+    #: EMA decay of the weights (e.g. 0.999); 0 turns EMA off.
+    ema_decay: float = 0.0
+    #: "fp32", "bf16" or "fp16" (autocast on CUDA; fp16 adds a GradScaler). On CPU training falls back to fp32.
+    precision: str = "fp32"
+    log_every: int = 10
+    #: checkpoint every this many steps (and always after the last step); 0 saves only the last step.
+    ckpt_every: int = 1000
+    #: sample grid every this many steps; 0 turns it off.
+    sample_every: int = 0
+    #: how many ``step_*.pt`` files to keep; 0 keeps all.
+    keep_checkpoints: int = 3
+    seed: int = 0
+    num_workers: int = 0
+    out_dir: str = "runs/train"
+
+    def validate(self) -> None:
+        """Raise :class:`UserError` for settings the loop cannot run with."""
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("steps", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "ckpt_every", "sample_every", "keep_checkpoints", "num_workers"):
+            if getattr(self, name) < 0:
+                raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"train.ema_decay must be in [0, 1) (0 turns EMA off), got {self.ema_decay}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise UserError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if len(self.betas) != 2:
+            raise UserError(f"train.betas must be two numbers, got {list(self.betas)}")
+
+
+def learning_rate(cfg: TrainConfig, update: int) -> float:
+    """Learning rate of optimiser update ``update`` (0-based): linear warmup to ``cfg.lr`` over ``warmup_steps``
+    updates, then cosine/linear decay that would reach ``cfg.lr * min_lr_ratio`` at ``update == steps``."""
+    if update < cfg.warmup_steps:
+        return cfg.lr * (update + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (update - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    if cfg.schedule == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        shape = 1.0 - progress
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside a DDP (or ``torch.compile``) wrapper."""
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on >=2-D weights (matrices, convolutions) and none on biases, norms and other
+    1-D parameters."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise UserError("the task's model has no trainable parameters")
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused)
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors in a (nested) batch moved to ``device``; strings and numbers left as they are."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and not isinstance(batch, str):
+        moved = [move_to_device(v, device) for v in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
+    return batch
+
+
+class StepIndices(Sampler):
+    """Dataset indices for optimiser steps ``start_step + 1, start_step + 2, ...`` (``batch_size`` per step, no end),
+    in an order fixed by ``(seed, step)``.
+
+    Each epoch is one pass of a :class:`DistributedSampler` (shuffled with ``seed`` and the epoch number, this
+    rank's share, the last incomplete batch dropped); a run resumed at step ``s`` starts epoch
+    ``s // steps_per_epoch`` at batch ``s % steps_per_epoch``, which is exactly where the uninterrupted run was.
+    One endless stream feeds one ``DataLoader`` iterator, so worker processes start once per run, not per epoch.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, ctx: DistContext, start_step: int):
+        self.epoch_sampler = DistributedSampler(
+            dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed, drop_last=True
+        )
+        self.batch_size = batch_size
+        self.steps_per_epoch = len(self.epoch_sampler) // batch_size
+        if self.steps_per_epoch == 0:
+            raise UserError(
+                f"the dataset has {len(dataset)} items, fewer than one global batch "
+                f"({batch_size} x {ctx.world_size} processes); lower train.batch_size or use more data"
+            )
+        self.start_step = start_step
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, skip = divmod(self.start_step, self.steps_per_epoch)
+        while True:
+            self.epoch_sampler.set_epoch(epoch)
+            yield from list(self.epoch_sampler)[skip * self.batch_size : self.steps_per_epoch * self.batch_size]
+            epoch, skip = epoch + 1, 0
+
+
+def step_batches(dataset: Dataset, cfg: TrainConfig, ctx: DistContext, start_step: int) -> Iterator:
+    """An endless iterator of (collated) batches for the steps after ``start_step``; see :class:`StepIndices`."""
+    # Worker seeds come from this generator, not from the global RNG, so creating the loader (at the start or at a
+    # resume point) leaves the training RNG streams untouched.
+    worker_seeds = torch.Generator().manual_seed((cfg.seed * 1_000_003 + start_step) * 4099 + ctx.rank)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=StepIndices(dataset, cfg.batch_size, cfg.seed, ctx, start_step),
+        drop_last=True,
+        num_workers=cfg.num_workers,
+        pin_memory=ctx.device.type == "cuda",
+        generator=worker_seeds,
+    )
+    return iter(loader)
+
+
+class _RunningMeans:
+    """Sums of loss, grad norm and task metrics since the last log step, kept on device (no per-step sync)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor | float] = {}
+        self.count = 0
+
+    def add(self, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            value = value.detach().float().mean() if isinstance(value, torch.Tensor) else float(value)
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+
+    def pop(self, ctx: DistContext) -> dict[str, float]:
+        """Means over the interval and over ranks (every rank must have logged the same keys)."""
+        keys = sorted(self.sums)
+        if not keys:
+            return {}
+        stacked = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float32, device=ctx.device) for k in keys])
+        means = mean_across_ranks(stacked / max(1, self.count), ctx).tolist()
+        self.sums, self.count = {}, 0
+        return dict(zip(keys, means))
+
+
+def _say(message: str, ctx: DistContext) -> None:
+    if ctx.is_main:
+        tqdm.write(f"vgen train: {message}", file=sys.stderr)
+
+
+def _autocast_dtype(cfg: TrainConfig, ctx: DistContext) -> torch.dtype | None:
+    dtype = PRECISIONS[cfg.precision]
+    if dtype is not None and ctx.device.type != "cuda":
+        _say(f"warning: precision {cfg.precision} needs CUDA; training in fp32 on {ctx.device.type}", ctx)
+        return None
+    return dtype
+
+
+def _rewind_log(log_path: Path, step: int) -> None:
+    """Drop log lines past ``step`` (written after the checkpoint a resumed run restarts from)."""
+    if not log_path.is_file():
+        return
+    kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = log_path.with_name(log_path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, log_path)
+
+
+def _last_log_record(log_path: Path) -> dict:
+    lines = [line for line in log_path.read_text().splitlines() if line.strip()] if log_path.is_file() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
+def train(task: TrainTask, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Train ``task``'s model with settings ``cfg``; return the metrics of the final log step.
+
+    Runs as one process, or as every rank of a ``torchrun`` job (DDP; only rank 0 logs and saves). With
+    ``resume=True`` the run continues from ``out_dir/checkpoints/latest.pt`` if there is one.
+    """
+    cfg.validate()
+    ctx = setup_distributed()
+    try:
+        return _train(task, cfg, ctx, resume, progress)
+    finally:
+        teardown_distributed(ctx)
+
+
+def _train(task: TrainTask, cfg: TrainConfig, ctx: DistContext, resume: bool, progress: bool) -> dict:
+    out_dir = Path(cfg.out_dir)
+    ckpt_dir, sample_dir, log_path = out_dir / "checkpoints", out_dir / "samples", out_dir / "log.jsonl"
+    latest = ckpt_dir / LATEST
+    if not resume and latest.is_file():
+        raise UserError(
+            f"{out_dir} already holds checkpoints of a run; pass --resume to continue it, or choose another --out"
+        )
+    run_config = {"task": to_dict(task.cfg), "train": to_dict(cfg)}
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(run_config, out_dir / "config.yaml")
+
+    # Same seed on every rank for the initial weights; per-rank seeds for the randomness of the steps.
+    torch.manual_seed(cfg.seed)
+    model = task.build_model()
+    # Only rank 0 saves, samples and exports, so only rank 0 keeps the EMA copy.
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 and ctx.is_main else None
+    model.to(ctx.device)
+    if ema is not None:
+        ema.model.to(ctx.device)
+    optimizer = build_optimizer(model, cfg, ctx.device)
+    amp_dtype = _autocast_dtype(cfg, ctx)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    torch.manual_seed(cfg.seed + ctx.rank)
+
+    start_step, seconds_before = 0, 0.0
+    if resume and latest.is_file():
+        start_step, seconds_before = _restore(latest, model, ema, optimizer, scaler, cfg, ctx)
+        if ctx.is_main:
+            _rewind_log(log_path, start_step)
+        _say(f"resumed from {latest} at step {start_step}", ctx)
+    elif resume:
+        _say(f"no checkpoint at {latest}; starting from step 0", ctx)
+    if start_step == 0 and ctx.is_main and log_path.exists():
+        log_path.unlink()
+
+    dataset = task.build_dataset()
+    batches = step_batches(dataset, cfg, ctx, start_step)
+    train_model: nn.Module = model
+    if ctx.is_distributed:
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        train_model = DistributedDataParallel(model, device_ids=device_ids)
+    train_model.train()
+    autocast = (
+        (lambda: torch.autocast(device_type=ctx.device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    means = _RunningMeans()
+    last_record: dict = _last_log_record(log_path) if (ctx.is_main and start_step) else {}
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (progress and ctx.is_main), dynamic_ncols=True)
+    t0 = time.perf_counter()
+
+    try:
+        for step in range(start_step + 1, cfg.steps + 1):
+            lr = learning_rate(cfg, step - 1)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = move_to_device(next(batches), ctx.device)
+            with autocast():
+                loss, metrics = task.loss(train_model, batch)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(model, step)
+            extra = task.after_step(train_model, batch, step)
+            means.add({**metrics, **extra, "loss": loss, "grad_norm": grad_norm})
+            bar.update(1)
+
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                interval = means.pop(ctx)
+                record = {
+                    "step": step,
+                    "lr": lr,
+                    "loss": interval.pop("loss"),
+                    "grad_norm": interval.pop("grad_norm"),
+                    "seconds": seconds_before + time.perf_counter() - t0,
+                    **interval,
+                }
+                if not math.isfinite(record["loss"]):
+                    raise FloatingPointError(
+                        f"the loss is {record['loss']} at step {step}; lower train.lr or train.grad_clip, or use "
+                        "precision bf16/fp32"
+                    )
+                if ctx.is_main:
+                    with log_path.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{lr:.3g}")
+                last_record = record
+
+            if cfg.sample_every and step % cfg.sample_every == 0 and ctx.is_main:
+                grid_path = sample_dir / step_filename(step).replace(".pt", ".png")
+                _save_sample_grid(task, ema.model if ema is not None else model, grid_path, step, autocast, ctx)
+
+            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
+                rng_states = gather_objects(capture_rng_state(), ctx)
+                if ctx.is_main:
+                    state = {
+                        "model": model.state_dict(),
+                        "ema": ema.state_dict() if ema is not None else None,
+                        "optimizer": optimizer.state_dict(),
+                        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                        "step": step,
+                        "seconds": seconds_before + time.perf_counter() - t0,
+                        "rng": rng_states,
+                        "config": run_config,
+                    }
+                    save_checkpoint(state, ckpt_dir, step, cfg.keep_checkpoints)
+                barrier(ctx)
+    finally:
+        bar.close()
+
+    if ctx.is_main:
+        task.export(ema.model if ema is not None else model, out_dir / "final")
+        _say(f"done: {out_dir / 'final'}", ctx)
+    barrier(ctx)
+    return last_record
+
+
+def _restore(path: Path, model, ema, optimizer, scaler, cfg: TrainConfig, ctx: DistContext) -> tuple[int, float]:
+    """Load a checkpoint into the run's objects and this rank's RNGs; return (step, seconds trained so far)."""
+    state = load_checkpoint(path)
+    try:
+        model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+    except RuntimeError as err:
+        raise UserError(
+            f"checkpoint {path} does not match the model this config builds "
+            f"({str(err).splitlines()[0]}); resume with the config the run started with"
+        ) from err
+    optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    step = int(state["step"])
+    rng_states = state["rng"]
+    if len(rng_states) == ctx.world_size:
+        restore_rng_state(rng_states[ctx.rank])
+    else:
+        torch.manual_seed(cfg.seed + ctx.rank + step)
+        _say(
+            f"warning: the checkpoint has RNG states of {len(rng_states)} processes, this run has "
+            f"{ctx.world_size}; reseeding",
+            ctx,
+        )
+    return step, float(state.get("seconds", 0.0))
+
+
+def _save_sample_grid(task: TrainTask, model: nn.Module, path: Path, step: int, autocast, ctx: DistContext) -> None:
+    """``task.sample_grid`` in eval mode, with its random draws kept out of the training RNG streams."""
+    was_training = model.training
+    model.eval()
+    devices = [ctx.device] if ctx.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), autocast():
+        image = task.sample_grid(model, step)
+    model.train(was_training)
+    if image is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
