@@ -8,6 +8,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Triton kernels run on CPU through the Triton interpreter. Triton reads TRITON_INTERPRET when it is imported (its
+# standard library, e.g. tl.sum, is jit-wrapped at import), so it is set here, before anything imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARITY_DIR = REPO_ROOT.parent / "shared" / "reference" / "parity"
@@ -22,3 +25,18 @@ def parity_dir() -> Path:
     if not PARITY_DIR.is_dir():
         pytest.skip(f"parity fixtures not found at {PARITY_DIR} (the shared reference folder beside the repo)")
     return PARITY_DIR
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """Run vgen's Triton kernels on CPU through the interpreter; skips when triton is missing or was imported
+    before ``TRITON_INTERPRET=1`` was set."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install 'vgen[kernels]')")
+    from vgen.kernels._dispatch import triton_imported_for_interpreter
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if not triton_imported_for_interpreter():
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it first)")

@@ -1,0 +1,33 @@
+"""``vgen bench <target>``: speed benchmarks that print JSON, each timed against a baseline in the same process.
+
+Targets are the small dict :data:`TARGETS`: name -> (module, help). Each module defines
+``add_arguments(parser)`` and ``run(args) -> int``; it is imported only when its target runs, and its
+``add_arguments`` must not import torch, so ``vgen --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from vgen.cli import OneLineErrorParser
+
+TARGETS = {
+    "kernels": ("vgen.eval.bench_kernels", "compressed-KV-cache kernels vs torch SDPA and copy bandwidth (CUDA)"),
+}
+
+
+def _runner(module_name: str):
+    def run(args) -> int:
+        return importlib.import_module(module_name).run(args)
+
+    return run
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="speed benchmarks (JSON on stdout)",
+                                   description=__doc__.split("\n\n")[0])
+    targets = parser.add_subparsers(dest="target", metavar="TARGET", parser_class=OneLineErrorParser)
+    for name, (module_name, help_text) in TARGETS.items():
+        sub = targets.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module_name).add_arguments(sub)
+        sub.set_defaults(func=_runner(module_name))
