@@ -1,0 +1,132 @@
+"""``vgen convert var-official`` + ``vgen generate`` on random checkpoints in the official key layout (tiny sizes of
+the parity fixtures: VAR depth 2, width 128, 2 heads, 10 classes, V=512, Cvae=32), and ``VARPipeline`` itself."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from vgen.tokenizers.msvq import MultiScaleVQModel
+
+from vgen.cli import main
+from vgen.errors import UserError
+from vgen.models.text_encoder import ShapesTextEncoder
+from vgen.models.var import VAR
+from vgen.pipelines.var import VARPipeline
+
+
+def official_var_state_dict() -> dict:
+    torch.manual_seed(0)
+    model = VAR(vocab_size=512, Cvae=32, depth=2, embed_dim=128, num_heads=2, num_classes=10)
+    sd = dict(model.state_dict())
+    sd["lvl_1L"] = model.lvl_1L.clone()  # released files carry these buffers
+    sd["attn_bias_for_masking"] = model.attn_bias_for_masking.clone()
+    for i in range(2):
+        sd[f"blocks.{i}.attn.zero_k_bias"] = torch.zeros(128)
+    return sd
+
+
+def tiny_vqvae(**kw) -> MultiScaleVQModel:
+    torch.manual_seed(1)
+    cfg = dict(vocab_size=512, z_channels=32, ch=32, ch_mult=(1, 2), num_res_blocks=1)
+    return MultiScaleVQModel(**{**cfg, **kw}).eval()  # 10 scales up to 16x16 latents, 32x32 images
+
+
+@pytest.fixture(scope="module")
+def official_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("official")
+    torch.save(official_var_state_dict(), root / "var_tiny.pth")
+    torch.save(tiny_vqvae().state_dict(), root / "vae_tiny.pth")
+    return root
+
+
+@pytest.fixture(scope="module")
+def converted(official_files):
+    out = official_files / "pipe"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vgen", "convert", "var-official", "--vae", str(official_files / "vae_tiny.pth"),
+         "--var", str(official_files / "var_tiny.pth"), "--out", str(out), "--num-classes", "10"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "VAR depth 2" in proc.stdout
+    return out
+
+
+def test_convert_writes_pipeline_folder(converted):
+    assert (converted / "model_index.json").is_file()
+    assert (converted / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (converted / "vqvae" / "config.json").is_file()
+    pipe = VARPipeline.from_pretrained(str(converted))
+    assert pipe.text_encoder is None and pipe.transformer.config.num_classes == 10
+    ref = official_var_state_dict()
+    for k, v in pipe.transformer.state_dict().items():
+        assert torch.equal(v, ref[k]), k
+
+
+def test_generate_grid_and_per_image_seeds(converted, tmp_path, capsys):
+    rc = main(["generate", "--model", str(converted), "--class-label", "3", "7", "--n", "2", "--seed", "5",
+               "--top-k", "50", "--out", str(tmp_path / "grid.png"), "--out-dir", str(tmp_path / "imgs")])
+    assert rc == 0
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.width > 2 * 32 and grid.height > 2 * 32
+    files = sorted((tmp_path / "imgs").glob("*.png"))
+    assert [f.name for f in files] == ["0000.png", "0001.png", "0002.png", "0003.png"]
+    assert Image.open(files[0]).size == (32, 32)
+    # image 3 (label 7, seed 5 + 3) regenerated alone is identical
+    rc = main(["generate", "--model", str(converted), "--class-label", "7", "--n", "1", "--seed", "8",
+               "--top-k", "50", "--out-dir", str(tmp_path / "one")])
+    assert rc == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "one" / "0000.png")), np.asarray(Image.open(files[3])))
+    assert (tmp_path / "one" / "generate_config.json").is_file()
+
+
+def test_generate_bad_arguments(converted, capsys):
+    assert main(["generate", "--model", str(converted), "a photo of a red circle"]) == 2
+    assert "class-conditional (10 classes): pass class labels, not a prompt" in capsys.readouterr().err
+    assert main(["generate", "--model", str(converted), "--class-label", "12"]) == 2
+    assert "class label(s) 12 out of range" in capsys.readouterr().err
+
+
+def test_convert_lists_bad_keys(official_files, tmp_path):
+    sd = official_var_state_dict()
+    sd.pop("head.bias")
+    sd["blocks.0.attn.rope_freqs"] = torch.zeros(4)
+    torch.save(sd, tmp_path / "bad.pth")
+    proc = subprocess.run(
+        [sys.executable, "-m", "vgen", "convert", "var-official", "--vae", str(official_files / "vae_tiny.pth"),
+         "--var", str(tmp_path / "bad.pth"), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert "missing key(s): head.bias" in lines[0] and "unexpected key(s): blocks.0.attn.rope_freqs" in lines[0]
+
+
+def test_text_pipeline_round_trip_and_errors(tmp_path):
+    torch.manual_seed(0)
+    enc = ShapesTextEncoder(embed_dim=32, depth=1, num_heads=2)
+    var = VAR(vocab_size=512, Cvae=32, depth=1, embed_dim=64, num_heads=1, conditioning="text", text_embed_dim=32,
+              text_cross_attn=True)
+    pipe = VARPipeline(vqvae=tiny_vqvae(), transformer=var, text_encoder=enc)
+    pipe.save_pretrained(str(tmp_path / "t2i"))
+    loaded = VARPipeline.from_pretrained(str(tmp_path / "t2i"))
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.text_encoder, ShapesTextEncoder)
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(4)]
+    out = loaded(prompt=["a photo of a red circle", "a photo of two blue stars"], num_images_per_prompt=2,
+                 generator=gens(), output_type="pt")
+    assert out.images.shape == (4, 3, 32, 32) and 0 <= out.images.min() and out.images.max() <= 1
+    pipe.set_progress_bar_config(disable=True)
+    np_out = pipe(prompt=["a photo of a red circle", "a photo of two blue stars"], num_images_per_prompt=2,
+                  generator=gens(), output_type="np").images
+    np.testing.assert_allclose(np_out, out.images.permute(0, 2, 3, 1).numpy(), atol=1e-5)
+    with pytest.raises(UserError, match="text-conditional: pass a prompt, not class labels"):
+        loaded(class_labels=[1])
+    with pytest.raises(UserError, match="unknown word\\(s\\) 'dog'"):
+        loaded(prompt="a photo of a dog")
+    with pytest.raises(UserError, match="one per image"):
+        loaded(prompt="a photo of a red circle", num_images_per_prompt=2, generator=[torch.Generator()])

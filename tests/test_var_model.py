@@ -1,0 +1,205 @@
+"""VAR transformer: KV-cached sampling vs the masked full forward, official key layout, loading errors,
+conditioning (class and text), per-sample seeding."""
+
+import json
+
+import pytest
+import torch
+from conftest import LAYOUT_DIR
+from vgen.samplers.next_scale import TokenSampling, generate_next_scale
+from vgen.tokenizers.msvq import MultiScaleVQModel
+
+from vgen.errors import UserError
+from vgen.models.text_encoder import ShapesTextEncoder
+from vgen.models.var import VAR, VAR_SIZES, create_var, load_official_var
+
+PATCH_NUMS = (1, 2, 3, 4)
+RECOMPUTED = {"lvl_1L", "attn_bias_for_masking"}
+
+
+def tiny_vqvae(V=32, Cvae=8):
+    torch.manual_seed(0)
+    return MultiScaleVQModel(vocab_size=V, z_channels=Cvae, ch=16, ch_mult=(1, 2), num_res_blocks=1,
+                             norm_num_groups=8, patch_nums=PATCH_NUMS).eval()
+
+
+def tiny_var(**kw):
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=32, Cvae=8, patch_nums=PATCH_NUMS, depth=2, embed_dim=64, num_heads=2, num_classes=5)
+    model = VAR(**{**cfg, **kw}).eval()
+    with torch.no_grad():  # official init makes AdaLN gammas ~1e-3; randomise so every path matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def tiny_text_encoder():
+    torch.manual_seed(0)
+    return ShapesTextEncoder(embed_dim=32, depth=1, num_heads=2).eval()
+
+
+def _teacher_forced_check(model, vq, cond, cond_for_forward):
+    out = generate_next_scale(model, vq.quantize, cond, cond.cond_BD.shape[0], guidance_scale=0.0,
+                              sampling=TokenSampling(top_k=4),
+                              generators=[torch.Generator().manual_seed(i) for i in range(cond.cond_BD.shape[0])],
+                              keep_logits=True)
+    x_BLCv = vq.quantize.idxBl_to_var_input(out.idx_Bl)
+    with torch.no_grad():
+        full_BLV = model(None, x_BLCv, cond=cond_for_forward)
+    cached_BLV = torch.cat(out.logits_BlV, dim=1)
+    assert full_BLV.shape == cached_BLV.shape == (cond.cond_BD.shape[0], model.L, 32)
+    torch.testing.assert_close(cached_BLV, full_BLV, atol=2e-5, rtol=1e-5)
+
+
+def test_kv_cached_sampling_equals_masked_full_forward_class():
+    model, vq = tiny_var(), tiny_vqvae()
+    with torch.no_grad():
+        cond = model.class_condition(torch.tensor([0, 3, 4]))
+        _teacher_forced_check(model, vq, cond, cond)
+
+
+def test_kv_cached_sampling_equals_masked_full_forward_text_cross_attn():
+    enc = tiny_text_encoder()
+    model, vq = tiny_var(conditioning="text", text_embed_dim=32, text_cross_attn=True), tiny_vqvae()
+    with torch.no_grad():
+        pooled, tokens, mask = enc.encode(["a photo of a red circle", "a photo of two blue stars", ""])
+        cond = model.text_condition(pooled, tokens, mask)
+        assert cond.context_BTC.shape == (3, 6, 64) and mask.sum(1).tolist() == [6, 6, 1]
+        _teacher_forced_check(model, vq, cond, cond)
+
+
+def test_mask_is_block_causal():
+    model = tiny_var()
+    bias = model.attn_bias_for_masking[0, 0]
+    # token 1 (scale 1) sees tokens 0..4 (scales 0, 1) and not token 5 (scale 2)
+    assert torch.isfinite(bias[1, :5]).all() and torch.isinf(bias[1, 5:]).all()
+    assert torch.isinf(bias[0, 1:]).all() and torch.isfinite(bias[-1]).all()
+    assert "attn_bias_for_masking" not in model.state_dict() and "lvl_1L" not in model.state_dict()
+
+
+def test_cond_dropout_only_in_training():
+    model = tiny_var(cond_drop_rate=1.0)
+    x = torch.randn(2, model.L - 1, 8)
+    labels = torch.tensor([1, 2])
+    null = torch.tensor([5, 5])
+    with torch.no_grad():
+        eval_logits = model(labels, x)
+        model.train()
+        dropped = model(labels, x)
+        model.eval()
+        null_logits = model(null, x)
+    torch.testing.assert_close(dropped, null_logits)
+    assert not torch.allclose(eval_logits, null_logits)
+
+
+def test_text_cond_dropout_uses_learned_null_prompt():
+    enc = tiny_text_encoder()
+    model = tiny_var(conditioning="text", text_embed_dim=32, text_cross_attn=True, cond_drop_rate=1.0)
+    x = torch.randn(2, model.L - 1, 8)
+    with torch.no_grad():
+        cond = model.text_condition(*enc.encode(["a photo of a red circle", "a photo of a blue star"]))
+        kept = model(None, x, cond=cond)
+        model.train()
+        dropped = model(None, x, cond=cond)
+        model.eval()
+        null = model(None, x, cond=model.null_condition(2))
+    torch.testing.assert_close(dropped, null)  # padded null context attends to its single token only
+    assert not torch.allclose(kept, null)
+
+
+def test_official_layout_d16_and_d36_shared_aln():
+    layouts = json.loads((LAYOUT_DIR / "var_official.json").read_text())
+    for name, key in (("var-d16", "var_d16"), ("var-d36", "var_d36")):
+        with torch.device("meta"):
+            model = create_var(name)
+        ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+        official = {k: shape for k, (shape, _dtype) in layouts[key].items()
+                    if k not in RECOMPUTED and not k.endswith("zero_k_bias")}
+        assert ours == official, name
+    assert VAR_SIZES["var-d36"]["shared_aln"] and not VAR_SIZES["var-d16"]["shared_aln"]
+    assert VAR_SIZES["var-d20"]["embed_dim"] == 1280 and VAR_SIZES["var-d30"]["num_heads"] == 30
+
+
+def test_create_var_unknown_size():
+    with pytest.raises(UserError, match="var-d16"):
+        create_var("var-d17")
+
+
+def _official_like_state_dict(model: VAR) -> dict:
+    sd = dict(model.state_dict())
+    sd["lvl_1L"] = model.lvl_1L.clone()
+    sd["attn_bias_for_masking"] = model.attn_bias_for_masking.clone()
+    for i in range(len(model.blocks)):
+        sd[f"blocks.{i}.attn.zero_k_bias"] = torch.zeros(model.C)
+    return sd
+
+
+def test_load_official_infers_config_and_round_trips():
+    model = tiny_var(patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
+    sd = _official_like_state_dict(model)
+    loaded = load_official_var({"trainer": {"var_wo_ddp": sd}})
+    assert loaded.config.depth == 2 and loaded.config.num_heads == 2 and loaded.config.num_classes == 5
+    assert tuple(loaded.config.patch_nums) == (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_load_official_reports_missing_and_unexpected_keys():
+    model = tiny_var(patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
+    sd = _official_like_state_dict(model)
+    del sd["blocks.1.ffn.fc2.bias"]
+    sd["blocks.0.attn.extra_bias"] = torch.zeros(3)
+    with pytest.raises(UserError) as err:
+        load_official_var(sd)
+    msg = str(err.value)
+    assert "missing key(s): blocks.1.ffn.fc2.bias" in msg and "unexpected key(s): blocks.0.attn.extra_bias" in msg
+    with pytest.raises(UserError, match="not found"):
+        load_official_var("/nonexistent/var_d16.pth")
+
+
+def test_text_encoder_unknown_word_error_and_tokens():
+    enc = tiny_text_encoder()
+    with pytest.raises(UserError) as err:
+        enc.tokenize(["a photo of a red circle", "a photo of a dog and a cat"])
+    msg = str(err.value)
+    assert msg.startswith("unknown word(s) 'dog', 'cat' in prompt 'a photo of a dog and a cat'; this model knows: ")
+    assert "circle" in msg and "purple" in msg
+    ids, mask = enc.tokenize(["A photo of a Red circle.", ""])
+    assert ids.shape == (2, 6) and mask.sum(1).tolist() == [6, 1]
+    pooled, tokens = enc(ids, mask)
+    assert pooled.shape == (2, 32) and tokens.shape == (2, 6, 32) and tokens[1, 1:].abs().sum() == 0
+
+
+def test_class_and_text_misuse_errors():
+    with pytest.raises(UserError, match="text-conditional"):
+        tiny_var(conditioning="text", text_embed_dim=32).class_condition(torch.tensor([1]))
+    with pytest.raises(UserError, match="class-conditional"):
+        tiny_var().text_condition(torch.zeros(1, 32))
+    with pytest.raises(UserError, match="text_embed_dim"):
+        VAR(conditioning="text", depth=1, embed_dim=64, num_heads=1)
+
+
+def test_image_independent_of_batch_size_with_cfg():
+    model, vq = tiny_var(), tiny_vqvae()
+    sampling = TokenSampling(top_k=16, top_p=0.9)
+    labels = torch.tensor([0, 2, 4])
+    with torch.no_grad():
+        batch = generate_next_scale(model, vq.quantize, model.class_condition(labels), 3, guidance_scale=1.5,
+                                    sampling=sampling,
+                                    generators=[torch.Generator().manual_seed(7 + i) for i in range(3)])
+        one = generate_next_scale(model, vq.quantize, model.class_condition(labels[1:2]), 1, guidance_scale=1.5,
+                                  sampling=sampling, generators=[torch.Generator().manual_seed(8)])
+    for si in range(len(PATCH_NUMS)):
+        assert torch.equal(one.idx_Bl[si][0], batch.idx_Bl[si][1])
+    torch.testing.assert_close(one.f_hat[0], batch.f_hat[1], atol=1e-5, rtol=1e-5)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = tiny_var(conditioning="text", text_embed_dim=32, text_cross_attn=True)
+    model.save_pretrained(tmp_path / "transformer")
+    loaded = VAR.from_pretrained(tmp_path / "transformer").eval()
+    assert loaded.config.text_cross_attn and loaded.config.patch_nums == [1, 2, 3, 4]
+    x = torch.randn(1, model.L - 1, 8)
+    cond = model.null_condition(1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(None, x, cond=loaded.null_condition(1)), model(None, x, cond=cond))

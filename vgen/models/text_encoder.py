@@ -1,0 +1,137 @@
+"""Text encoders for text-conditional generators.
+
+:class:`ShapesTextEncoder` is a small trainable word-level transformer whose vocabulary is every word a Shapes
+caption can contain (``vgen.data.shapes.PROMPT_VOCABULARY``) plus ``<pad>`` and ``<null>``; it is trained together
+with the generator and saved with it in a pipeline folder.
+
+**Using another (pretrained) text encoder.** A generator only needs an object that implements
+:class:`TextEncoder`: ``tokenize(prompts) -> (ids_BT, mask_BT)`` and ``forward(ids_BT, mask_BT) -> (pooled_BD,
+tokens_BTD)`` with ``config.embed_dim == D``. The VAR transformer projects ``D`` to its own width (``text_proj``,
+``text_token_proj``), so set ``text_embed_dim=D`` when creating it. A pretrained encoder stored in a local folder
+(e.g. a T5 or CLIP text tower saved with ``save_pretrained``) is used by wrapping it in a ``ModelMixin`` subclass
+that implements these two methods (mean- or attention-pool its last hidden states for ``pooled``) and passing it
+as the pipeline's ``text_encoder`` component; ``VARPipeline.from_pretrained(dir, text_encoder=my_encoder)``
+replaces the stored one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from torch import nn
+
+from vgen.errors import UserError
+
+PAD_TOKEN = "<pad>"
+NULL_TOKEN = "<null>"
+_WORD_RE = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """What text-conditional generators need from a text encoder."""
+
+    def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> ``(ids_BT int64, mask_BT bool)`` on the encoder's device."""
+        ...
+
+    def forward(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pooled_BD, tokens_BTD)``; padded positions of ``tokens_BTD`` are ignored through ``mask_BT``."""
+        ...
+
+
+def default_shapes_vocabulary() -> list[str]:
+    from vgen.data.shapes import PROMPT_VOCABULARY
+
+    return list(PROMPT_VOCABULARY)
+
+
+def split_words(prompt: str) -> list[str]:
+    """Lower-case words of a prompt; punctuation is dropped."""
+    return _WORD_RE.findall(prompt.lower())
+
+
+class ShapesTextEncoder(ModelMixin, ConfigMixin):
+    """Word embeddings + learned positions -> pre-norm transformer encoder -> (pooled (B, D), tokens (B, T, D)).
+
+    ``pooled`` is the masked mean of the output tokens followed by a LayerNorm. The empty prompt is the single
+    ``<null>`` token, so every prompt has at least one token.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        vocabulary: Sequence[str] | None = None,
+        embed_dim: int = 256,
+        depth: int = 2,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        max_length: int = 32,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        words = list(vocabulary) if vocabulary is not None else default_shapes_vocabulary()
+        if vocabulary is None:
+            self.register_to_config(vocabulary=words)
+        self.itos = [PAD_TOKEN, NULL_TOKEN, *words]
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+        self.token_embed = nn.Embedding(len(self.itos), embed_dim, padding_idx=0)
+        self.pos_embed = nn.Parameter(torch.zeros(1, max_length, embed_dim).normal_(0, 0.02))
+        layer = nn.TransformerEncoderLayer(
+            embed_dim, num_heads, dim_feedforward=round(embed_dim * mlp_ratio), dropout=dropout,
+            activation="gelu", batch_first=True, norm_first=True,
+        )
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm_out = nn.LayerNorm(embed_dim)
+        self.norm_pooled = nn.LayerNorm(embed_dim)
+
+    @property
+    def vocabulary(self) -> list[str]:
+        return self.itos[2:]
+
+    def tokenize(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> ``(ids_BT, mask_BT)``; raises :class:`UserError` naming any word outside the vocabulary."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        rows = []
+        for prompt in prompts:
+            words = split_words(prompt)
+            unknown = [w for w in dict.fromkeys(words) if w not in self.stoi or w in (PAD_TOKEN, NULL_TOKEN)]
+            if unknown:
+                raise UserError(
+                    f"unknown word(s) {', '.join(repr(w) for w in unknown)} in prompt {prompt!r}; "
+                    f"this model knows: {', '.join(self.vocabulary)}"
+                )
+            if len(words) > self.config.max_length:
+                raise UserError(
+                    f"prompt {prompt!r} has {len(words)} words; this model reads at most {self.config.max_length}"
+                )
+            rows.append([self.stoi[w] for w in words] or [self.stoi[NULL_TOKEN]])
+        T = max(len(r) for r in rows)
+        ids_BT = torch.zeros(len(rows), T, dtype=torch.long)
+        mask_BT = torch.zeros(len(rows), T, dtype=torch.bool)
+        for b, r in enumerate(rows):
+            ids_BT[b, : len(r)] = torch.tensor(r)
+            mask_BT[b, : len(r)] = True
+        device = self.token_embed.weight.device
+        return ids_BT.to(device), mask_BT.to(device)
+
+    def forward(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``ids_BT`` (B, T) int64, ``mask_BT`` (B, T) bool -> ``pooled_BD`` (B, D), ``tokens_BTD`` (B, T, D)."""
+        T = ids_BT.shape[1]
+        x_BTD = self.token_embed(ids_BT) + self.pos_embed[:, :T]
+        x_BTD = self.norm_out(self.encoder(x_BTD, src_key_padding_mask=~mask_BT.bool()))
+        m_BT1 = mask_BT.unsqueeze(-1).to(x_BTD.dtype)
+        pooled_BD = (x_BTD * m_BT1).sum(1) / m_BT1.sum(1).clamp_min(1)
+        return self.norm_pooled(pooled_BD), x_BTD * m_BT1
+
+    def encode(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokenize and encode: ``(pooled_BD, tokens_BTD, mask_BT)``."""
+        ids_BT, mask_BT = self.tokenize(prompts)
+        pooled_BD, tokens_BTD = self(ids_BT, mask_BT)
+        return pooled_BD, tokens_BTD, mask_BT

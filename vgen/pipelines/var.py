@@ -1,0 +1,171 @@
+"""``VARPipeline``: multi-scale VQ tokenizer + VAR transformer (+ text encoder) as a diffusers pipeline.
+
+    from vgen.pipelines.var import VARPipeline
+    pipe = VARPipeline.from_pretrained("my-var-folder")          # offline, from a local folder
+    images = pipe(class_labels=[207, 360], guidance_scale=1.5, top_k=900, top_p=0.96,
+                  generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images
+
+Text-conditional models take ``prompt=...`` instead of ``class_labels``. Load with ``VARPipeline.from_pretrained``
+(diffusers' generic ``DiffusionPipeline.from_pretrained`` cannot find vgen's classes). The generation loop is
+:func:`vgen.samplers.next_scale.generate_next_scale`; every argument here maps onto it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+
+from vgen.errors import UserError
+from vgen.models.var import VAR, VARCondition
+from vgen.samplers.guidance import GuidanceSchedule, LinearRampCFG
+from vgen.samplers.next_scale import TokenSampling, generate_next_scale
+
+
+def per_sample_generators(
+    generator: torch.Generator | Sequence[torch.Generator] | None, batch_size: int
+) -> list[torch.Generator] | None:
+    """One generator per image. A list must have ``batch_size`` entries; a single generator seeds one fresh
+    generator per image (so the images depend on its seed, not on how the batch is later split); None keeps the
+    global RNG."""
+    if generator is None:
+        return None
+    if isinstance(generator, torch.Generator):
+        seeds = torch.randint(0, 2**62, (batch_size,), generator=generator, device=generator.device).tolist()
+        return [torch.Generator(generator.device).manual_seed(s) for s in seeds]
+    generators = list(generator)
+    if len(generators) != batch_size:
+        raise UserError(
+            f"got {len(generators)} generators for {batch_size} images; pass one per image "
+            "(prompts x num_images_per_prompt) or a single generator"
+        )
+    return generators
+
+
+class VARPipeline(DiffusionPipeline):
+    """Components: ``vqvae`` (:class:`vgen.tokenizers.msvq.MultiScaleVQModel`), ``transformer``
+    (:class:`vgen.models.var.VAR`) and, for text models, ``text_encoder`` (e.g.
+    :class:`vgen.models.text_encoder.ShapesTextEncoder`; anything implementing
+    :class:`vgen.models.text_encoder.TextEncoder`)."""
+
+    model_cpu_offload_seq = "text_encoder->transformer->vqvae"
+    _optional_components = ["text_encoder"]
+
+    def __init__(self, vqvae, transformer: VAR, text_encoder=None):
+        super().__init__()
+        self.register_modules(vqvae=vqvae, transformer=transformer, text_encoder=text_encoder)
+
+    # -- conditions ----------------------------------------------------------------------------------------------
+
+    @property
+    def is_text_conditional(self) -> bool:
+        return self.transformer.config.conditioning == "text"
+
+    def _device(self) -> torch.device:
+        return self.transformer.pos_1LC.device
+
+    def encode_condition(
+        self, prompt: str | Sequence[str] | None, class_labels: int | Sequence[int] | torch.Tensor | None,
+        num_images_per_prompt: int,
+    ) -> tuple[VARCondition, list[str]]:
+        """The transformer's condition for every image and a caption per image (prompt or ``class N``)."""
+        if num_images_per_prompt < 1:
+            raise UserError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        transformer = self.transformer
+        if self.is_text_conditional:
+            if class_labels is not None:
+                raise UserError("this model is text-conditional: pass a prompt, not class labels")
+            if prompt is None:
+                raise UserError("this model is text-conditional: pass a prompt (e.g. 'a photo of a red circle')")
+            if self.text_encoder is None:
+                raise UserError("this text-conditional pipeline has no text_encoder component; pass text_encoder=")
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if not prompts:
+                raise UserError("prompt list is empty")
+            prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+            ids_BT, mask_BT = self.text_encoder.tokenize(prompts)
+            pooled_BD, tokens_BTD = self.text_encoder(ids_BT.to(self._device()), mask_BT.to(self._device()))
+            return transformer.text_condition(pooled_BD, tokens_BTD, mask_BT.to(self._device())), prompts
+        num_classes = transformer.config.num_classes
+        if prompt is not None:
+            raise UserError(
+                f"this model is class-conditional ({num_classes} classes): pass class labels, not a prompt"
+            )
+        if class_labels is None:
+            raise UserError(f"this model is class-conditional: pass class_labels (0..{num_classes - 1})")
+        labels = torch.as_tensor(class_labels).reshape(-1).tolist()
+        bad = [lab for lab in labels if not 0 <= int(lab) < num_classes]
+        if bad or not labels:
+            raise UserError(
+                f"class label(s) {', '.join(map(str, bad)) or '(none)'} out of range: this model has "
+                f"{num_classes} classes, labels 0..{num_classes - 1}"
+            )
+        labels = [int(lab) for lab in labels for _ in range(num_images_per_prompt)]
+        label_B = torch.tensor(labels, device=self._device())
+        return transformer.class_condition(label_B), [f"class {lab}" for lab in labels]
+
+    # -- generation ----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        class_labels: int | list[int] | torch.Tensor | None = None,
+        num_images_per_prompt: int = 1,
+        guidance_scale: float = 1.5,
+        top_k: int = 900,
+        top_p: float = 0.96,
+        temperature: float = 1.0,
+        more_smooth: bool = False,
+        guidance_schedule: GuidanceSchedule | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        """Generate images.
+
+        Args:
+            prompt: text prompt(s) for text-conditional models.
+            class_labels: class id(s) for class-conditional models (ImageNet ids for official checkpoints).
+            num_images_per_prompt: images per prompt / label.
+            guidance_scale: CFG strength; with the default VAR ramp (:class:`LinearRampCFG`) it is official VAR's
+                ``cfg`` (weight ``1 + guidance_scale * si / (K - 1)`` at scale si; 0 = no guidance).
+            top_k, top_p, temperature: token filtering and sampling (0 disables top-k / top-p; top_k=1 is greedy).
+            more_smooth: VAR's Gumbel-smoothed embeddings (visualisation only, not for FID).
+            guidance_schedule: another CFG schedule, e.g. :class:`vgen.samplers.guidance.ConstantCFG`.
+            generator: one ``torch.Generator`` per image (images independent of batch size) or a single one.
+            output_type: ``"pil"``, ``"np"`` (B, H, W, 3) floats in [0, 1] or ``"pt"`` (B, 3, H, W) in [0, 1].
+            return_dict: return :class:`ImagePipelineOutput` (else a tuple ``(images,)``).
+        """
+        if output_type not in ("pil", "np", "pt"):
+            raise UserError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if temperature <= 0:
+            raise UserError(f"temperature must be > 0, got {temperature} (use top_k=1 for greedy sampling)")
+        if top_k < 0 or not 0 <= top_p <= 1:
+            raise UserError(f"top_k must be >= 0 and top_p in [0, 1], got top_k={top_k}, top_p={top_p}")
+        cond, _captions = self.encode_condition(prompt, class_labels, num_images_per_prompt)
+        batch_size = cond.cond_BD.shape[0]
+        generators = per_sample_generators(generator, batch_size)
+        out = generate_next_scale(
+            self.transformer,
+            self.vqvae.quantize,
+            cond,
+            batch_size,
+            guidance_scale=guidance_scale,
+            guidance_schedule=guidance_schedule or LinearRampCFG(),
+            sampling=TokenSampling(top_k=top_k, top_p=top_p, temperature=temperature, more_smooth=more_smooth),
+            generators=generators,
+            progress=self.progress_bar,
+        )
+        images = self.vqvae.fhat_to_img(out.f_hat.to(self.vqvae.dtype)).float().add(1).mul(0.5).clamp(0, 1)
+        if output_type == "pt":
+            result = images.cpu()
+        else:
+            result = images.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)
+            if output_type == "pil":
+                result = self.numpy_to_pil(result)
+        if not return_dict:
+            return (result,)
+        return ImagePipelineOutput(images=result)

@@ -1,0 +1,247 @@
+"""``vgen train var``: train a VAR transformer (class- or text-conditional) on top of a trained, frozen tokenizer.
+
+    vgen train tokenizer --config configs/shapes/tokenizer.yaml --out runs/tokenizer_shapes
+    vgen train var --config configs/shapes/var_text.yaml --out runs/var_shapes_text
+
+Loss (official VAR recipe): cross-entropy of the teacher-forced logits against the next-scale indices, every token
+weighted 1/L; the indices and the teacher-forcing input come from the frozen tokenizer on the fly
+(``img_to_idxBl`` -> ``quantize.idxBl_to_var_input``, under ``no_grad``). Conditions are dropped to the null class /
+null prompt with probability ``cond_drop_rate`` inside the model (classifier-free guidance). Logged metrics:
+``loss`` and ``accuracy`` (token top-1). Sample grids run the shared next-scale sampler. ``export`` writes a
+complete :class:`vgen.pipelines.var.VARPipeline` folder (tokenizer + transformer + text encoder) that
+``vgen generate --model`` loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vgen.errors import UserError
+from vgen.models.text_encoder import ShapesTextEncoder, split_words
+from vgen.models.var import VAR, VAR_SIZES, var_size
+from vgen.train.task import TrainTask
+
+WORLDS = ("shapes", "folder")
+
+
+@dataclass
+class VARTaskConfig:
+    """The ``task:`` section of a VAR run config (``configs/shapes/var_text.yaml``)."""
+
+    #: trained tokenizer folder (``MultiScaleVQModel.save_pretrained``, e.g. runs/tokenizer_shapes/final)
+    tokenizer: str = ""
+    # --- transformer size: a registry name (var-d16 ...) or the official rule from ``depth`` (width 64 * depth)
+    size: str = ""
+    depth: int = 6
+    embed_dim: int = 0  #: 0 = 64 * depth
+    num_heads: int = 0  #: 0 = depth
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = -1.0  #: < 0 = official 0.1 * depth / 24
+    attn_l2_norm: bool = True
+    # --- conditioning
+    #: "text" (prompts through a trainable ShapesTextEncoder) or "class" (class labels, null class = num_classes)
+    conditioning: str = "text"
+    num_classes: int = 0  #: 0 = the world's number of classes
+    cond_drop_rate: float = 0.1
+    text_cross_attn: bool = True
+    text_embed_dim: int = 256
+    text_depth: int = 2
+    text_heads: int = 4
+    text_max_length: int = 32
+    # --- data
+    world: str = "shapes"
+    data_path: str = ""
+    resolution: int = 64
+    dataset_length: int = 100_000
+    seed: int = 0
+    # --- sample grids during training
+    sample_prompts: tuple[str, ...] = (
+        "a photo of a red circle",
+        "a photo of a blue square",
+        "a photo of a green triangle and a yellow star",
+        "a photo of three purple hexagons",
+        "a photo of an orange diamond left of a white circle",
+        "a photo of a pink star above a black square",
+    )
+    sample_class_labels: tuple[int, ...] = (0, 7, 14, 21, 28, 35)
+    sample_guidance_scale: float = 1.5
+    sample_top_k: int = 0
+    sample_top_p: float = 0.0
+
+
+class VARTrainModule(nn.Module):
+    """What the training loop optimises: the VAR transformer plus (text models) the text encoder.
+
+    ``forward(x_BLCv_wo_first_l, label_B=None, ids_BT=None, mask_BT=None) -> logits_BLV``.
+    """
+
+    def __init__(self, transformer: VAR, text_encoder: ShapesTextEncoder | None):
+        super().__init__()
+        self.transformer = transformer
+        self.text_encoder = text_encoder
+
+    def forward(self, x_BLCv_wo_first_l: torch.Tensor, label_B: torch.Tensor | None = None,
+                ids_BT: torch.Tensor | None = None, mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+        if self.text_encoder is None:
+            return self.transformer(label_B, x_BLCv_wo_first_l)
+        pooled_BD, tokens_BTD = self.text_encoder(ids_BT, mask_BT)
+        cond = self.transformer.text_condition(pooled_BD, tokens_BTD, mask_BT)
+        return self.transformer(None, x_BLCv_wo_first_l, cond=cond)
+
+
+class VARTask(TrainTask):
+    config_class = VARTaskConfig
+
+    def __init__(self, cfg: VARTaskConfig):
+        super().__init__(cfg)
+        if cfg.conditioning not in ("text", "class"):
+            raise UserError(f"task.conditioning must be 'text' or 'class', got {cfg.conditioning!r}")
+        if cfg.world not in WORLDS:
+            raise UserError(f"task.world must be one of {', '.join(WORLDS)}, got {cfg.world!r}")
+        self.vqvae = self._load_tokenizer()
+        self._dataset = None
+
+    # -- pieces ----------------------------------------------------------------------------------------------
+
+    def _load_tokenizer(self):
+        from vgen.tokenizers.msvq import MultiScaleVQModel
+
+        path = Path(self.cfg.tokenizer) if self.cfg.tokenizer else None
+        if path is None or not (path / "config.json").is_file():
+            raise UserError(
+                f"task.tokenizer must be a trained tokenizer folder (config.json + weights), got {self.cfg.tokenizer!r}; "
+                "train one with 'vgen train tokenizer' and pass its final/ folder"
+            )
+        vqvae = MultiScaleVQModel.from_pretrained(str(path)).eval().requires_grad_(False)
+        if vqvae.resolution != self.cfg.resolution:
+            raise UserError(
+                f"task.resolution is {self.cfg.resolution} but the tokenizer at {path} expects {vqvae.resolution} px "
+                "images; set task.resolution to match"
+            )
+        return vqvae
+
+    def _vocabulary(self) -> list[str]:
+        if self.cfg.world == "shapes":
+            from vgen.data.shapes import PROMPT_VOCABULARY
+
+            return list(PROMPT_VOCABULARY)
+        words = sorted({w for caption in self.build_dataset().captions for w in split_words(caption)})
+        if not words:
+            raise UserError(f"no captions found under {self.cfg.data_path} (metadata.jsonl); use conditioning: class")
+        return words
+
+    def _num_classes(self) -> int:
+        if self.cfg.num_classes > 0:
+            return self.cfg.num_classes
+        if self.cfg.world == "shapes":
+            from vgen.data.shapes import NUM_CLASSES
+
+            return NUM_CLASSES
+        return len(self.build_dataset().classes)
+
+    def transformer_kwargs(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if cfg.size:
+            if cfg.size not in VAR_SIZES:
+                raise UserError(f"task.size {cfg.size!r} is not one of {', '.join(VAR_SIZES)}")
+            size = dict(VAR_SIZES[cfg.size])
+        else:
+            size = var_size(cfg.depth)
+            if cfg.embed_dim:
+                size["embed_dim"] = cfg.embed_dim
+            if cfg.num_heads:
+                size["num_heads"] = cfg.num_heads
+        if cfg.drop_path_rate >= 0:
+            size["drop_path_rate"] = cfg.drop_path_rate
+        size["patch_nums"] = tuple(self.vqvae.patch_nums)
+        kwargs = dict(
+            **size, vocab_size=self.vqvae.vocab_size, Cvae=self.vqvae.Cvae, mlp_ratio=cfg.mlp_ratio,
+            attn_l2_norm=cfg.attn_l2_norm, cond_drop_rate=cfg.cond_drop_rate, conditioning=cfg.conditioning,
+            num_classes=self._num_classes(),
+        )
+        if cfg.conditioning == "text":
+            kwargs.update(text_embed_dim=cfg.text_embed_dim, text_cross_attn=cfg.text_cross_attn)
+        return kwargs
+
+    # -- TrainTask -------------------------------------------------------------------------------------------
+
+    def build_model(self) -> VARTrainModule:
+        cfg = self.cfg
+        text_encoder = None
+        if cfg.conditioning == "text":
+            text_encoder = ShapesTextEncoder(
+                vocabulary=self._vocabulary(), embed_dim=cfg.text_embed_dim, depth=cfg.text_depth,
+                num_heads=cfg.text_heads, max_length=cfg.text_max_length,
+            )
+        return VARTrainModule(VAR(**self.transformer_kwargs()), text_encoder)
+
+    def build_dataset(self) -> torch.utils.data.Dataset:
+        if self._dataset is None:
+            cfg = self.cfg
+            if cfg.world == "shapes":
+                from vgen.data.shapes import ShapesDataset
+
+                self._dataset = ShapesDataset(resolution=cfg.resolution, length=cfg.dataset_length, seed=cfg.seed,
+                                              class_conditional=cfg.conditioning == "class")
+            else:
+                from vgen.data.folder import ImageFolderDataset
+
+                self._dataset = ImageFolderDataset(cfg.data_path, resolution=cfg.resolution)
+        return self._dataset
+
+    @torch.no_grad()
+    def encode_images(self, img_B3HW: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Frozen tokenizer: ``(idx_Bl per scale, x_BLCv_wo_first_l (B, L - first_l, Cvae))``."""
+        self.vqvae.to(img_B3HW.device)
+        idx_Bl = self.vqvae.img_to_idxBl(img_B3HW.float())
+        return idx_Bl, self.vqvae.quantize.idxBl_to_var_input(idx_Bl)
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        from vgen.train.loop import unwrap
+
+        idx_Bl, x_BLCv = self.encode_images(batch["image"])
+        target_BL = torch.cat(idx_Bl, dim=1)
+        inner = unwrap(model)
+        if inner.text_encoder is not None:
+            ids_BT, mask_BT = inner.text_encoder.tokenize(list(batch["caption"]))
+            logits_BLV = model(x_BLCv, ids_BT=ids_BT.to(x_BLCv.device), mask_BT=mask_BT.to(x_BLCv.device))
+        else:
+            logits_BLV = model(x_BLCv, label_B=batch["class_label"].long())
+        loss = F.cross_entropy(logits_BLV.flatten(0, 1).float(), target_BL.flatten())
+        accuracy = (logits_BLV.detach().argmax(-1) == target_BL).float().mean()
+        return loss, {"accuracy": accuracy}
+
+    @torch.no_grad()
+    def sample_grid(self, model: nn.Module, step: int):
+        from vgen.imaging import make_grid, tensor_to_pil
+        from vgen.pipelines.var import VARPipeline
+        from vgen.train.loop import unwrap
+
+        inner = unwrap(model)
+        pipe = VARPipeline(vqvae=self.vqvae.to(inner.transformer.pos_1LC.device), transformer=inner.transformer,
+                           text_encoder=inner.text_encoder)
+        pipe.set_progress_bar_config(disable=True)
+        cfg = self.cfg
+        if inner.text_encoder is not None:
+            conditions, kwargs = list(cfg.sample_prompts), {"prompt": list(cfg.sample_prompts)}
+        else:
+            labels = [lab % inner.transformer.config.num_classes for lab in cfg.sample_class_labels]
+            conditions, kwargs = [f"class {lab}" for lab in labels], {"class_labels": labels}
+        generators = [torch.Generator().manual_seed(i) for i in range(len(conditions))]
+        images = pipe(**kwargs, guidance_scale=cfg.sample_guidance_scale, top_k=cfg.sample_top_k,
+                      top_p=cfg.sample_top_p, generator=generators, output_type="pt").images
+        return make_grid(tensor_to_pil(images, value_range=(0.0, 1.0)), [f"{c} (step {step})" for c in conditions])
+
+    def export(self, model: nn.Module, out_dir: Path) -> None:
+        from vgen.pipelines.var import VARPipeline
+        from vgen.train.loop import unwrap
+
+        inner = unwrap(model)
+        pipe = VARPipeline(vqvae=self.vqvae.cpu(), transformer=inner.transformer, text_encoder=inner.text_encoder)
+        pipe.save_pretrained(str(out_dir))
