@@ -16,6 +16,12 @@ from vgen.errors import UserError
 # Subcommand modules under vgen.cli, in the order `vgen --help` lists them.
 SUBCOMMAND_MODULES = [
     "data",
+    "eval",
+    "sample",
+    "train",
+    "generate",
+    "convert",
+    "bench",
 ]
 
 
