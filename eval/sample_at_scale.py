@@ -153,32 +153,11 @@ def pipeline_num_classes(pipe) -> int | None:
 
 
 def load_pipeline(model_dir: str | Path, device: torch.device):
-    """Load a saved pipeline folder (``model_index.json``) onto ``device``."""
-    import importlib
+    """Load a saved pipeline folder onto ``device``, with its progress bar off (the sampling run shows one bar)."""
+    from vgen.pipelines import load_pipeline as load_saved_pipeline
 
-    from diffusers.utils import logging as diffusers_logging
-
-    from vgen.pipelines.var import VARPipeline
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "model_index.json").is_file():
-        raise UserError(f"{model_dir} is not a saved pipeline (no model_index.json); give a folder saved by vgen")
-
-    # diffusers only loads components from libraries already imported: import the vgen modules the folder names.
-    index = json.loads((model_dir / "model_index.json").read_text())
-    for value in index.values():
-        if isinstance(value, list) and value and isinstance(value[0], str) and value[0].startswith("vgen."):
-            importlib.import_module(value[0])
-
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # keep stderr for our progress bar and one-line errors
-    diffusers_logging.disable_progress_bar()
-    try:
-        pipe = VARPipeline.from_pretrained(str(model_dir)).to(device)
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-        diffusers_logging.enable_progress_bar()
-    pipe.set_progress_bar_config(disable=True)  # run_sampling shows one bar over all images instead
+    pipe, _ = load_saved_pipeline(model_dir, device)
+    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 

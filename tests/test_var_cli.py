@@ -83,6 +83,17 @@ def test_generate_grid_and_per_image_seeds(converted, tmp_path, capsys):
     assert (tmp_path / "one" / "generate_config.json").is_file()
 
 
+def test_generate_in_a_fresh_process(converted, tmp_path):
+    # A fresh interpreter has imported none of vgen's component modules; loading must still work.
+    proc = subprocess.run(
+        [sys.executable, "-m", "vgen", "generate", "--model", str(converted), "--class-label", "1", "--n", "1",
+         "--out", str(tmp_path / "grid.png")],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(tmp_path / "grid.png").width > 32
+
+
 def test_generate_bad_arguments(converted, capsys):
     assert main(["generate", "--model", str(converted), "a photo of a red circle"]) == 2
     assert "class-conditional (10 classes): pass class labels, not a prompt" in capsys.readouterr().err

@@ -41,27 +41,11 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def load_var_pipeline(model: str | None, device: str | None):
-    """Load a saved VAR pipeline folder (or the shipped default) onto ``device``."""
-    import torch
-
-    from vgen.pipelines import default_model_dir
-    from vgen.pipelines.var import VARPipeline
-
-    model_dir = Path(model) if model is not None else default_model_dir()
-    if not model_dir.is_dir():
-        raise UserError(f"model folder not found: {model_dir} (pass a pipeline folder saved by vgen)")
-    if not (model_dir / "model_index.json").is_file():
-        raise UserError(f"{model_dir} is not a saved pipeline (no model_index.json)")
-    pipe = VARPipeline.from_pretrained(str(model_dir))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return pipe.to(device), model_dir
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from vgen.imaging import make_grid
+    from vgen.pipelines import load_pipeline
 
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
@@ -69,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("give either prompt(s) or --class-label, not both")
     if not args.prompt and args.class_label is None:
         raise UserError("give a prompt (text models) or --class-label N (class-conditional models)")
-    pipe, model_dir = load_var_pipeline(args.model, args.device)
+    pipe, model_dir = load_pipeline(args.model, args.device)
     pipe.set_progress_bar_config(disable=True)
     conditions = args.prompt or args.class_label
     total = len(conditions) * args.n

@@ -20,3 +20,29 @@ def default_model_dir() -> Path:
         "no --model given and no default model is shipped with this vgen installation; "
         "pass --model DIR (a pipeline folder saved by 'vgen train' or 'vgen convert')"
     )
+
+
+def load_pipeline(model: str | Path | None = None, device=None):
+    """Load a saved VAR pipeline folder (``model_index.json``), or the shipped default when ``model`` is None, onto
+    ``device`` (default: CUDA if available, else CPU). Returns ``(pipeline, model_dir)``. The one loader the CLI
+    commands share: it turns a wrong folder into a :class:`UserError` and keeps diffusers' load chatter off stderr."""
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+
+    from vgen.pipelines.var import VARPipeline
+
+    model_dir = Path(model) if model is not None else default_model_dir()
+    if not model_dir.is_dir():
+        raise UserError(f"model folder not found: {model_dir} (pass a pipeline folder saved by vgen)")
+    if not (model_dir / "model_index.json").is_file():
+        raise UserError(f"{model_dir} is not a saved pipeline (no model_index.json); give a folder saved by vgen")
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    try:
+        pipe = VARPipeline.from_pretrained(str(model_dir))
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+        diffusers_logging.enable_progress_bar()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return pipe.to(device), model_dir

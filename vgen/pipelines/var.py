@@ -18,6 +18,10 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 
+# The component modules are imported here, not only where they are used: diffusers loads a saved component only from
+# a module that is already imported, so `VARPipeline.from_pretrained(dir)` must work in a fresh process.
+import vgen.models.text_encoder  # noqa: F401
+import vgen.tokenizers.msvq  # noqa: F401
 from vgen.errors import UserError
 from vgen.models.var import VAR, VARCondition
 from vgen.samplers.guidance import GuidanceSchedule, LinearRampCFG
