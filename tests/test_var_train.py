@@ -35,8 +35,20 @@ def tiny_cfg(tokenizer_dir, **kw) -> VARTaskConfig:
 def test_registered_and_shipped_config_parses():
     assert load_task("var") is VARTask
     task_cfg, train_cfg = load_run_config("var", REPO_ROOT / "configs" / "shapes" / "var_text.yaml")
-    assert task_cfg.conditioning == "text" and task_cfg.depth == 6 and task_cfg.resolution == 64
+    assert task_cfg.conditioning == "text" and task_cfg.resolution == 64
     assert train_cfg.steps > 0
+
+
+def test_shapes_recipes_fit_the_shipped_model_budget(tmp_path):
+    # A default model ships inside the package: tokenizer + text VAR of configs/shapes/ must total <= 25 MB in fp16.
+    tok_cfg, _ = load_run_config("tokenizer", REPO_ROOT / "configs" / "shapes" / "tokenizer.yaml")
+    vqvae = load_task("tokenizer")(tok_cfg).build_model()
+    vqvae.save_pretrained(tmp_path / "tokenizer")
+    var_cfg, _ = load_run_config("var", REPO_ROOT / "configs" / "shapes" / "var_text.yaml",
+                                 [f"task.tokenizer={tmp_path / 'tokenizer'}"])
+    model = VARTask(var_cfg).build_model()
+    fp16_bytes = 2 * sum(p.numel() for m in (vqvae, model) for p in m.parameters())
+    assert fp16_bytes <= 25 * 2**20, f"{fp16_bytes / 2**20:.1f} MiB"
 
 
 def test_thirty_steps_lower_the_loss_and_export_generates(tokenizer_dir, tmp_path):

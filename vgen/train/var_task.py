@@ -118,7 +118,7 @@ class VARTask(TrainTask):
                 f"task.tokenizer must be a trained tokenizer folder (config.json + weights), got {self.cfg.tokenizer!r}; "
                 "train one with 'vgen train tokenizer' and pass its final/ folder"
             )
-        vqvae = MultiScaleVQModel.from_pretrained(str(path)).eval().requires_grad_(False)
+        vqvae = MultiScaleVQModel.from_pretrained(str(path), low_cpu_mem_usage=False).eval().requires_grad_(False)
         if vqvae.resolution != self.cfg.resolution:
             raise UserError(
                 f"task.resolution is {self.cfg.resolution} but the tokenizer at {path} expects {vqvae.resolution} px "
