@@ -60,6 +60,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from PIL import Image, ImageOps
 
+from vgen.data.shapes_language import geneval_relation_components
 from vgen.errors import UserError
 
 # The ten colour names of GenEval, in the official order (ties in a classifier's argmax resolve to the first).
@@ -164,20 +165,10 @@ def group_detections(
 
 
 def relative_position(box_a: Sequence[float], box_b: Sequence[float], position_threshold: float = 0.1) -> set[str]:
-    """Relations of A relative to B from box centres, discounting ``position_threshold`` of the summed box sizes.
-
-    revised = max(|dc| - t * (dim_a + dim_b), 0) * sign(dc) per axis (dc = centre_a - centre_b, dim = (w, h)); no
-    relation if every component of revised is < 1e-3; otherwise (dx, dy) = revised / ||dc|| and A is "left of" B if
-    dx < -0.5, "right of" if dx > 0.5, "above" if dy < -0.5, "below" if dy > 0.5 (image y points down).
-    """
-    a = np.asarray(box_a[:4], dtype=np.float64)
-    b = np.asarray(box_b[:4], dtype=np.float64)
-    offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
-    dims = np.abs(a[2:] - a[:2]) + np.abs(b[2:] - b[:2])
-    revised = np.maximum(np.abs(offset) - position_threshold * dims, 0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
-        return set()
-    dx, dy = revised / np.linalg.norm(offset)
+    """Relations of A relative to B from box centres, discounting ``position_threshold`` of the summed box sizes
+    (GenEval's rule, :func:`vgen.data.shapes_language.geneval_relation_components`): "left of" if dx < -0.5,
+    "right of" if dx > 0.5, "above" if dy < -0.5, "below" if dy > 0.5; empty when the boxes are too close."""
+    dx, dy = geneval_relation_components(box_a, box_b, position_threshold)
     relations = set()
     if dx < -0.5:
         relations.add("left of")

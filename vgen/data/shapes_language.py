@@ -281,17 +281,21 @@ def _infer_tag(include: list[dict[str, Any]]) -> str:
 
 # ----------------------------------------------------------------------------------------------------------- GenEval rule
 def geneval_relation_components(
-    box_a: tuple[float, float, float, float], box_b: tuple[float, float, float, float]
+    box_a, box_b, position_threshold: float = GENEVAL_POSITION_THRESHOLD
 ) -> tuple[float, float]:
     """GenEval's normalised, margin-shrunk offset of box A's centre from box B's centre: ``(dx, dy)``.
 
-    ``dx < -0.5`` means "A left of B", ``dx > 0.5`` "right of", ``dy < -0.5`` "above", ``dy > 0.5`` "below".
+    Boxes are ``(x0, y0, x1, y1)``. Per axis ``revised = max(|dc| - t * (dim_a + dim_b), 0) * sign(dc)`` with
+    ``dc = centre_a - centre_b`` and ``t = position_threshold``; ``(0, 0)`` (no relation) when every component of
+    ``revised`` is below 1e-3, else ``revised / ||dc||``. ``dx < -0.5`` means "A left of B", ``dx > 0.5`` "right of",
+    ``dy < -0.5`` "above", ``dy > 0.5`` "below" (image y points down). The one implementation of the rule: the
+    Shapes world places objects with it and ``vgen.eval.geneval`` scores with it.
     """
-    a = np.asarray(box_a, dtype=np.float64)
-    b = np.asarray(box_b, dtype=np.float64)
+    a = np.asarray(box_a[:4], dtype=np.float64)
+    b = np.asarray(box_b[:4], dtype=np.float64)
     offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
-    dims = (a[2:] - a[:2]) + (b[2:] - b[:2])
-    revised = np.maximum(np.abs(offset) - GENEVAL_POSITION_THRESHOLD * dims, 0.0) * np.sign(offset)
+    dims = np.abs(a[2:] - a[:2]) + np.abs(b[2:] - b[:2])
+    revised = np.maximum(np.abs(offset) - position_threshold * dims, 0.0) * np.sign(offset)
     if np.all(np.abs(revised) < 1e-3):
         return 0.0, 0.0
     dx, dy = revised / np.linalg.norm(offset)
