@@ -5,7 +5,7 @@ Targets:
 * ``fid``         FID (and KID) of a sample folder / ``.npz`` against reference statistics or a folder;
 * ``fid-ref``     reference statistics (mu, sigma, features) of the Shapes world or an image folder, cached;
 * ``fid-sanity``  the FID sanity table (real vs real / blurred / hue-rotated / noise) with Shapes features;
-* ``geneval``     registered by :mod:`vgen.cli.eval_geneval` (``register_geneval(subparsers)``) when present.
+* ``geneval``     GenEval scoring, defined in :mod:`vgen.cli.eval_geneval`.
 
 Heavy imports (torch, clean-fid) happen inside the command functions so that ``vgen --help`` stays fast.
 """
@@ -13,10 +13,10 @@ Heavy imports (torch, clean-fid) happen inside the command functions so that ``v
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 
 from vgen.cli import OneLineErrorParser
+from vgen.cli.eval_geneval import register_geneval
 
 FEATURES_HELP = (
     "feature network: 'shapes' (the shipped Shapes-world net), 'inception' (clean-fid's Inception, needs "
@@ -145,11 +145,12 @@ def register_fid_sanity(sub) -> None:
     parser.set_defaults(func=_run_fid_sanity)
 
 
-#: ``vgen eval`` targets defined here; ``geneval`` is added by :mod:`vgen.cli.eval_geneval` when it exists.
+#: ``vgen eval`` targets, in the order ``vgen eval --help`` lists them.
 TARGETS = {
     "fid": register_fid,
     "fid-ref": register_fid_ref,
     "fid-sanity": register_fid_sanity,
+    "geneval": register_geneval,
 }
 
 
@@ -158,7 +159,3 @@ def register(subparsers) -> None:
     sub = parser.add_subparsers(dest="eval_target", metavar="TARGET", parser_class=OneLineErrorParser)
     for register_target in TARGETS.values():
         register_target(sub)
-    if importlib.util.find_spec("vgen.cli.eval_geneval") is not None:
-        from vgen.cli.eval_geneval import register_geneval
-
-        register_geneval(sub)

@@ -44,9 +44,10 @@ def _select(metadata: list[dict], limit: int | None) -> list[dict]:
 
 def _generate_from_model(args: argparse.Namespace, metadata: list[dict], out: Path) -> bool:
     """Sample into ``out`` in GenEval layout; returns True on the rank that should score."""
-    from vgen.cli.sample import resolve_model_dir, sampling_kwargs
+    from vgen.cli.sample import sampling_kwargs
     from vgen.eval.geneval import write_prompt_metadata
     from vgen.eval.sample_at_scale import geneval_jobs, load_pipeline, run_sampling
+    from vgen.pipelines import resolve_model_dir
     from vgen.train.distributed import barrier, setup_distributed, teardown_distributed
 
     model_dir = resolve_model_dir(args.model)

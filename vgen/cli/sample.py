@@ -29,17 +29,6 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
     return {"guidance_scale": args.guidance_scale, "top_k": args.top_k, "top_p": args.top_p}
 
 
-def resolve_model_dir(model: str | None) -> Path:
-    """``--model`` or, when omitted, the pipeline's default model folder if vgen ships one."""
-    if model is not None:
-        return Path(model)
-    try:
-        from vgen.pipelines import default_model_dir
-    except ImportError:
-        raise UserError("give --model DIR (a saved pipeline folder with model_index.json)") from None
-    return Path(default_model_dir())
-
-
 def default_out_dir(model_dir: Path, args: argparse.Namespace) -> Path:
     """A folder name that records every sampling knob, e.g. ``samples/shapes-var-seed0-cfg1.5-topk0-topp1.0-n100``."""
     knobs = f"seed{args.seed}-cfg{args.guidance_scale}-topk{args.top_k}-topp{args.top_p}-n{args.n}"
@@ -55,6 +44,7 @@ def _run(args: argparse.Namespace) -> int:
         pipeline_num_classes,
         run_sampling,
     )
+    from vgen.pipelines import resolve_model_dir
     from vgen.train.distributed import setup_distributed, teardown_distributed
 
     if args.batch_size < 1:

@@ -22,6 +22,11 @@ def default_model_dir() -> Path:
     )
 
 
+def resolve_model_dir(model: str | Path | None) -> Path:
+    """``--model`` as a path or, when it is omitted, the shipped default (see :func:`default_model_dir`)."""
+    return Path(model) if model is not None else default_model_dir()
+
+
 def load_pipeline(model: str | Path | None = None, device=None):
     """Load a saved VAR pipeline folder (``model_index.json``), or the shipped default when ``model`` is None, onto
     ``device`` (default: CUDA if available, else CPU). Returns ``(pipeline, model_dir)``. The one loader the CLI
@@ -31,7 +36,7 @@ def load_pipeline(model: str | Path | None = None, device=None):
 
     from vgen.pipelines.var import VARPipeline
 
-    model_dir = Path(model) if model is not None else default_model_dir()
+    model_dir = resolve_model_dir(model)
     if not model_dir.is_dir():
         raise UserError(f"model folder not found: {model_dir} (pass a pipeline folder saved by vgen)")
     if not (model_dir / "model_index.json").is_file():
