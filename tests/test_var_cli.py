@@ -141,3 +141,35 @@ def test_text_pipeline_round_trip_and_errors(tmp_path):
         loaded(prompt="a photo of a dog")
     with pytest.raises(UserError, match="one per image"):
         loaded(prompt="a photo of a red circle", num_images_per_prompt=2, generator=[torch.Generator()])
+
+
+def test_saved_sampling_defaults_drive_calls_and_cli(tmp_path):
+    torch.manual_seed(0)
+    var = VAR(vocab_size=512, Cvae=32, depth=1, embed_dim=64, num_heads=1, num_classes=10)
+    pipe = VARPipeline(vqvae=tiny_vqvae(), transformer=var, default_guidance_scale=3.0, default_top_k=7,
+                       default_top_p=0.0, default_temperature=0.5)
+    pipe.save_pretrained(str(tmp_path / "m"))
+    loaded = VARPipeline.from_pretrained(str(tmp_path / "m"))
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.sampling_defaults() == {"guidance_scale": 3.0, "top_k": 7, "top_p": 0.0, "temperature": 0.5}
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(3)]
+    implicit = loaded(class_labels=[1, 2, 3], generator=gens(), output_type="pt").images
+    explicit = loaded(class_labels=[1, 2, 3], guidance_scale=3.0, top_k=7, top_p=0.0, temperature=0.5,
+                      generator=gens(), output_type="pt").images
+    official = loaded(class_labels=[1, 2, 3], guidance_scale=1.5, top_k=900, top_p=0.96, temperature=1.0,
+                      generator=gens(), output_type="pt").images
+    assert torch.equal(implicit, explicit) and not torch.equal(implicit, official)
+    # the CLI records the settings it resolved from the model, and a flag still overrides one knob
+    assert main(["generate", "--model", str(tmp_path / "m"), "--class-label", "1", "--n", "1", "--top-k", "3",
+                 "--out", str(tmp_path / "g.png")]) == 0
+    import json
+
+    settings = json.loads((tmp_path / "g.json").read_text())
+    assert (settings["guidance_scale"], settings["top_k"], settings["top_p"], settings["temperature"]) == (3.0, 3, 0.0, 0.5)
+    # a folder saved before sampling defaults existed loads with official VAR's settings
+    index = json.loads((tmp_path / "m" / "model_index.json").read_text())
+    for key in ("default_guidance_scale", "default_top_k", "default_top_p", "default_temperature"):
+        index.pop(key)
+    (tmp_path / "m" / "model_index.json").write_text(json.dumps(index))
+    old = VARPipeline.from_pretrained(str(tmp_path / "m"))
+    assert old.sampling_defaults() == {"guidance_scale": 1.5, "top_k": 900, "top_p": 0.96, "temperature": 1.0}

@@ -59,9 +59,10 @@ def _generate_from_model(args: argparse.Namespace, metadata: list[dict], out: Pa
         barrier(ctx)
         pipe = load_pipeline(model_dir, ctx.device)
         jobs = geneval_jobs(out, metadata, args.images_per_prompt, args.seed)
+        sampling = sampling_kwargs(args, pipe)
         settings = {"model": str(model_dir.resolve()), "seed": args.seed, "metadata": args.metadata,
-                    "images_per_prompt": args.images_per_prompt, **sampling_kwargs(args)}  # fmt: skip
-        report = run_sampling(pipe, out, jobs, ctx, args.batch_size, sampling_kwargs(args), settings)
+                    "images_per_prompt": args.images_per_prompt, **sampling}  # fmt: skip
+        report = run_sampling(pipe, out, jobs, ctx, args.batch_size, sampling, settings)
     finally:
         teardown_distributed(ctx)
     if ctx.is_main:

@@ -29,11 +29,12 @@ def register(subparsers) -> None:
                         help="class id(s) for class-conditional models")
     parser.add_argument("--n", type=int, default=4, help="images per prompt / class label (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
-    parser.add_argument("--guidance-scale", type=float, default=1.5,
-                        help="classifier-free guidance (VAR ramp: official cfg; 0 = off; default 1.5)")
-    parser.add_argument("--top-k", type=int, default=900, help="top-k filtering, 0 = off (default 900)")
-    parser.add_argument("--top-p", type=float, default=0.96, help="top-p filtering, 0 = off (default 0.96)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="classifier-free guidance (VAR ramp: official cfg; 0 = off; default: the model's saved "
+                             "setting, see model_index.json)")
+    parser.add_argument("--top-k", type=int, default=None, help="top-k filtering, 0 = off (default: the model's)")
+    parser.add_argument("--top-p", type=float, default=None, help="top-p filtering, 0 = off (default: the model's)")
+    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the model's)")
     parser.add_argument("--more-smooth", action="store_true", help="VAR's Gumbel-smoothed embeddings (visuals only)")
     parser.add_argument("--out", default=None, help="grid PNG path (default grid.png unless --out-dir is given)")
     parser.add_argument("--out-dir", default=None, help="also write each image as DIR/NNNN.png")
@@ -58,14 +59,14 @@ def run(args: argparse.Namespace) -> int:
     conditions = args.prompt or args.class_label
     total = len(conditions) * args.n
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(total)]
+    given = {"guidance_scale": args.guidance_scale, "top_k": args.top_k, "top_p": args.top_p,
+             "temperature": args.temperature}
+    sampling = {k: pipe.sampling_defaults()[k] if v is None else v for k, v in given.items()}
     output = pipe(
         prompt=list(args.prompt) if args.prompt else None,
         class_labels=args.class_label,
         num_images_per_prompt=args.n,
-        guidance_scale=args.guidance_scale,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        temperature=args.temperature,
+        **sampling,
         more_smooth=args.more_smooth,
         generator=generators,
         output_type="pil",
@@ -75,8 +76,7 @@ def run(args: argparse.Namespace) -> int:
     captions = [f"{cap} (seed {args.seed + i})" for i, cap in enumerate(captions)]
     settings = {
         "model": str(model_dir.resolve()), "prompt": args.prompt or None, "class_label": args.class_label,
-        "n": args.n, "seed": args.seed, "guidance_scale": args.guidance_scale, "top_k": args.top_k,
-        "top_p": args.top_p, "temperature": args.temperature, "more_smooth": args.more_smooth,
+        "n": args.n, "seed": args.seed, **sampling, "more_smooth": args.more_smooth,
     }
     written = []
     if args.out_dir is not None:

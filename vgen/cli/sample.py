@@ -20,18 +20,22 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     """Flags shared with ``vgen eval geneval --model``: the pipeline call's sampling knobs."""
     parser.add_argument("--seed", type=int, default=0, help="global seed; image i uses seed + i (default 0)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per pipeline call per process")
-    parser.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
-    parser.add_argument("--top-k", type=int, default=None, help="top-k sampling (0 = off)")
-    parser.add_argument("--top-p", type=float, default=None, help="top-p (nucleus) sampling")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="classifier-free guidance scale (default: the model's saved setting)")
+    parser.add_argument("--top-k", type=int, default=None, help="top-k sampling, 0 = off (default: the model's)")
+    parser.add_argument("--top-p", type=float, default=None, help="top-p (nucleus) sampling, 0 = off (default: the model's)")
 
 
-def sampling_kwargs(args: argparse.Namespace) -> dict:
-    return {"guidance_scale": args.guidance_scale, "top_k": args.top_k, "top_p": args.top_p}
+def sampling_kwargs(args: argparse.Namespace, pipe=None) -> dict:
+    """The sampling flags; a flag left out takes the pipeline's own saved setting (``pipe.sampling_defaults()``)."""
+    given = {"guidance_scale": args.guidance_scale, "top_k": args.top_k, "top_p": args.top_p}
+    defaults = pipe.sampling_defaults() if hasattr(pipe, "sampling_defaults") else {}
+    return {k: defaults.get(k) if v is None else v for k, v in given.items()}
 
 
-def default_out_dir(model_dir: Path, args: argparse.Namespace) -> Path:
+def default_out_dir(model_dir: Path, args: argparse.Namespace, sampling: dict) -> Path:
     """A folder name that records every sampling knob, e.g. ``samples/shapes-var-seed0-cfg1.5-topk0-topp1.0-n100``."""
-    knobs = f"seed{args.seed}-cfg{args.guidance_scale}-topk{args.top_k}-topp{args.top_p}-n{args.n}"
+    knobs = f"seed{args.seed}-cfg{sampling['guidance_scale']}-topk{sampling['top_k']}-topp{sampling['top_p']}-n{args.n}"
     return Path("samples") / f"{model_dir.name}-{knobs}"
 
 
@@ -51,10 +55,11 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")
     prompts = load_prompts(args.metadata) if args.metadata is not None else None
     model_dir = resolve_model_dir(args.model)
-    out = Path(args.out) if args.out else default_out_dir(model_dir, args)
     ctx = setup_distributed()
     try:
         pipe = load_pipeline(model_dir, ctx.device)
+        sampling = sampling_kwargs(args, pipe)
+        out = Path(args.out) if args.out else default_out_dir(model_dir, args, sampling)
         labels = parse_class_labels(args.class_labels, pipeline_num_classes(pipe)) if prompts is None else None
         n = args.n if args.n is not None else len(prompts if prompts is not None else labels)
         jobs = flat_jobs(out, n, args.seed, prompts=prompts, class_labels=labels)
@@ -62,9 +67,9 @@ def _run(args: argparse.Namespace) -> int:
             "model": str(model_dir.resolve()),
             "seed": args.seed,
             "condition": args.metadata if prompts is not None else args.class_labels,
-            **sampling_kwargs(args),
+            **sampling,
         }
-        report = run_sampling(pipe, out, jobs, ctx, args.batch_size, sampling_kwargs(args), settings, args.npz)
+        report = run_sampling(pipe, out, jobs, ctx, args.batch_size, sampling, settings, args.npz)
     finally:
         teardown_distributed(ctx)
     if ctx.is_main:

@@ -57,9 +57,22 @@ class VARPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->vqvae"
     _optional_components = ["text_encoder"]
 
-    def __init__(self, vqvae, transformer: VAR, text_encoder=None):
+    def __init__(
+        self, vqvae, transformer: VAR, text_encoder=None, default_guidance_scale: float = 1.5,
+        default_top_k: int = 900, default_top_p: float = 0.96, default_temperature: float = 1.0,
+    ):
         super().__init__()
         self.register_modules(vqvae=vqvae, transformer=transformer, text_encoder=text_encoder)
+        # The model's own sampling settings (saved in model_index.json): what a call uses for knobs left at None.
+        # The defaults are official VAR's ImageNet settings; a trained model stores the ones it was measured with.
+        self.register_to_config(
+            default_guidance_scale=float(default_guidance_scale), default_top_k=int(default_top_k),
+            default_top_p=float(default_top_p), default_temperature=float(default_temperature),
+        )
+
+    def sampling_defaults(self) -> dict:
+        """``{"guidance_scale", "top_k", "top_p", "temperature"}``: what a call uses for the knobs it leaves at None."""
+        return {name: self.config[f"default_{name}"] for name in ("guidance_scale", "top_k", "top_p", "temperature")}
 
     # -- conditions ----------------------------------------------------------------------------------------------
 
@@ -118,10 +131,10 @@ class VARPipeline(DiffusionPipeline):
         prompt: str | list[str] | None = None,
         class_labels: int | list[int] | torch.Tensor | None = None,
         num_images_per_prompt: int = 1,
-        guidance_scale: float = 1.5,
-        top_k: int = 900,
-        top_p: float = 0.96,
-        temperature: float = 1.0,
+        guidance_scale: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float | None = None,
         more_smooth: bool = False,
         guidance_schedule: GuidanceSchedule | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -137,6 +150,7 @@ class VARPipeline(DiffusionPipeline):
             guidance_scale: CFG strength; with the default VAR ramp (:class:`LinearRampCFG`) it is official VAR's
                 ``cfg`` (weight ``1 + guidance_scale * si / (K - 1)`` at scale si; 0 = no guidance).
             top_k, top_p, temperature: token filtering and sampling (0 disables top-k / top-p; top_k=1 is greedy).
+                Every sampling knob left at None takes the model's saved setting (:meth:`sampling_defaults`).
             more_smooth: VAR's Gumbel-smoothed embeddings (visualisation only, not for FID).
             guidance_schedule: another CFG schedule, e.g. :class:`vgen.samplers.guidance.ConstantCFG`.
             generator: one ``torch.Generator`` per image (images independent of batch size) or a single one.
@@ -145,6 +159,11 @@ class VARPipeline(DiffusionPipeline):
         """
         if output_type not in ("pil", "np", "pt"):
             raise UserError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        defaults = self.sampling_defaults()
+        guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        top_k = defaults["top_k"] if top_k is None else top_k
+        top_p = defaults["top_p"] if top_p is None else top_p
+        temperature = defaults["temperature"] if temperature is None else temperature
         if temperature <= 0:
             raise UserError(f"temperature must be > 0, got {temperature} (use top_k=1 for greedy sampling)")
         if top_k < 0 or not 0 <= top_p <= 1:

@@ -9,7 +9,7 @@ weighted 1/L; the indices and the teacher-forcing input come from the frozen tok
 null prompt with probability ``cond_drop_rate`` inside the model (classifier-free guidance). Logged metrics:
 ``loss`` and ``accuracy`` (token top-1). Sample grids run the shared next-scale sampler. ``export`` writes a
 complete :class:`vgen.pipelines.var.VARPipeline` folder (tokenizer + transformer + text encoder) that
-``vgen generate --model`` loads.
+``vgen generate --model`` loads; the task's ``sample_*`` settings become the pipeline's sampling defaults.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class VARTaskConfig:
     resolution: int = 64
     dataset_length: int = 100_000
     seed: int = 0
-    # --- sample grids during training
+    # --- sampling: used for the grids during training and saved as the exported pipeline's defaults
     sample_prompts: tuple[str, ...] = (
         "a photo of a red circle",
         "a photo of a blue square",
@@ -73,6 +73,7 @@ class VARTaskConfig:
     sample_guidance_scale: float = 1.5
     sample_top_k: int = 0
     sample_top_p: float = 0.0
+    sample_temperature: float = 1.0
 
 
 class VARTrainModule(nn.Module):
@@ -235,7 +236,8 @@ class VARTask(TrainTask):
             conditions, kwargs = [f"class {lab}" for lab in labels], {"class_labels": labels}
         generators = [torch.Generator().manual_seed(i) for i in range(len(conditions))]
         images = pipe(**kwargs, guidance_scale=cfg.sample_guidance_scale, top_k=cfg.sample_top_k,
-                      top_p=cfg.sample_top_p, generator=generators, output_type="pt").images
+                      top_p=cfg.sample_top_p, temperature=cfg.sample_temperature, generator=generators,
+                      output_type="pt").images
         return make_grid(tensor_to_pil(images, value_range=(0.0, 1.0)), [f"{c} (step {step})" for c in conditions])
 
     def export(self, model: nn.Module, out_dir: Path) -> None:
@@ -243,5 +245,10 @@ class VARTask(TrainTask):
         from vgen.train.loop import unwrap
 
         inner = unwrap(model)
-        pipe = VARPipeline(vqvae=self.vqvae.cpu(), transformer=inner.transformer, text_encoder=inner.text_encoder)
+        cfg = self.cfg
+        pipe = VARPipeline(
+            vqvae=self.vqvae.cpu(), transformer=inner.transformer, text_encoder=inner.text_encoder,
+            default_guidance_scale=cfg.sample_guidance_scale, default_top_k=cfg.sample_top_k,
+            default_top_p=cfg.sample_top_p, default_temperature=cfg.sample_temperature,
+        )
         pipe.save_pretrained(str(out_dir))
