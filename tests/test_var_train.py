@@ -39,16 +39,20 @@ def test_registered_and_shipped_config_parses():
     assert train_cfg.steps > 0
 
 
-def test_shapes_recipes_fit_the_shipped_model_budget(tmp_path):
-    # A default model ships inside the package: tokenizer + text VAR of configs/shapes/ must total <= 25 MB in fp16.
-    tok_cfg, _ = load_run_config("tokenizer", REPO_ROOT / "configs" / "shapes" / "tokenizer.yaml")
+@pytest.mark.parametrize("tokenizer_yaml, var_yaml, bytes_per_param", [
+    ("default_model_tokenizer.yaml", "default_model_var.yaml", 4),  # the default model's recipe, shipped in fp32
+    ("tokenizer.yaml", "var_text.yaml", 2),  # the larger recipe, to ship in fp16
+])
+def test_shapes_recipes_fit_the_shipped_model_budget(tmp_path, tokenizer_yaml, var_yaml, bytes_per_param):
+    # A default model ships inside the package: tokenizer + text VAR (+ text encoder) must total <= 25 MB.
+    tok_cfg, _ = load_run_config("tokenizer", REPO_ROOT / "configs" / "shapes" / tokenizer_yaml)
     vqvae = load_task("tokenizer")(tok_cfg).build_model()
     vqvae.save_pretrained(tmp_path / "tokenizer")
-    var_cfg, _ = load_run_config("var", REPO_ROOT / "configs" / "shapes" / "var_text.yaml",
+    var_cfg, _ = load_run_config("var", REPO_ROOT / "configs" / "shapes" / var_yaml,
                                  [f"task.tokenizer={tmp_path / 'tokenizer'}"])
     model = VARTask(var_cfg).build_model()
-    fp16_bytes = 2 * sum(p.numel() for m in (vqvae, model) for p in m.parameters())
-    assert fp16_bytes <= 25 * 2**20, f"{fp16_bytes / 2**20:.1f} MiB"
+    total = bytes_per_param * sum(p.numel() for m in (vqvae, model) for p in m.parameters())
+    assert total <= 25 * 10**6, f"{total / 10**6:.1f} MB"
 
 
 def test_thirty_steps_lower_the_loss_and_export_generates(tokenizer_dir, tmp_path):
@@ -79,3 +83,22 @@ def test_class_conditional_task_and_errors(tokenizer_dir):
         VARTask(tiny_cfg("/nonexistent"))
     with pytest.raises(UserError, match="expects 32 px"):
         VARTask(tiny_cfg(tokenizer_dir, resolution=64))
+
+
+def test_default_model_script_trains_and_exports_a_pipeline(tmp_path):
+    # configs/shapes/train_default_model.sh is the one command that retrains the shipped model; run it for 2 steps.
+    import os
+    import subprocess
+
+    env = {**os.environ, "TOK_STEPS": "2", "VAR_STEPS": "2", "BATCH": "2", "WORKERS": "0", "LR_SCALE": "0.5",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(REPO_ROOT / "configs" / "shapes" / "train_default_model.sh"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "train.lr=0.001" in proc.stdout and "train.steps=2" in proc.stdout
+    run_config = (tmp_path / "var" / "config.yaml").read_text()
+    assert f"tokenizer: {tmp_path / 'tokenizer' / 'final'}" in run_config
+    pipe = VARPipeline.from_pretrained(str(tmp_path / "var" / "final"))
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(prompt="a photo of a red circle", generator=[torch.Generator().manual_seed(0)]).images[0]
+    assert image.size == (64, 64)
