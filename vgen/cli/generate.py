@@ -59,9 +59,7 @@ def run(args: argparse.Namespace) -> int:
     conditions = args.prompt or args.class_label
     total = len(conditions) * args.n
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(total)]
-    given = {"guidance_scale": args.guidance_scale, "top_k": args.top_k, "top_p": args.top_p,
-             "temperature": args.temperature}
-    sampling = {k: pipe.sampling_defaults()[k] if v is None else v for k, v in given.items()}
+    sampling = pipe.resolve_sampling(args.guidance_scale, args.top_k, args.top_p, args.temperature)
     output = pipe(
         prompt=list(args.prompt) if args.prompt else None,
         class_labels=args.class_label,

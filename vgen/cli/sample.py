@@ -26,11 +26,10 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=None, help="top-p (nucleus) sampling, 0 = off (default: the model's)")
 
 
-def sampling_kwargs(args: argparse.Namespace, pipe=None) -> dict:
-    """The sampling flags; a flag left out takes the pipeline's own saved setting (``pipe.sampling_defaults()``)."""
-    given = {"guidance_scale": args.guidance_scale, "top_k": args.top_k, "top_p": args.top_p}
-    defaults = pipe.sampling_defaults() if hasattr(pipe, "sampling_defaults") else {}
-    return {k: defaults.get(k) if v is None else v for k, v in given.items()}
+def sampling_kwargs(args: argparse.Namespace, pipe) -> dict:
+    """The sampling flags; a flag left out takes the pipeline's own saved setting (``pipe.resolve_sampling``)."""
+    resolved = pipe.resolve_sampling(args.guidance_scale, args.top_k, args.top_p)
+    return {k: resolved[k] for k in ("guidance_scale", "top_k", "top_p")}
 
 
 def default_out_dir(model_dir: Path, args: argparse.Namespace, sampling: dict) -> Path:

@@ -74,6 +74,15 @@ class VARPipeline(DiffusionPipeline):
         """``{"guidance_scale", "top_k", "top_p", "temperature"}``: what a call uses for the knobs it leaves at None."""
         return {name: self.config[f"default_{name}"] for name in ("guidance_scale", "top_k", "top_p", "temperature")}
 
+    def resolve_sampling(
+        self, guidance_scale: float | None = None, top_k: int | None = None, top_p: float | None = None,
+        temperature: float | None = None,
+    ) -> dict:
+        """The sampling settings a call uses: the given ones, the model's saved ones for those left at None."""
+        given = {"guidance_scale": guidance_scale, "top_k": top_k, "top_p": top_p, "temperature": temperature}
+        defaults = self.sampling_defaults()
+        return {name: defaults[name] if value is None else value for name, value in given.items()}
+
     # -- conditions ----------------------------------------------------------------------------------------------
 
     @property
@@ -159,11 +168,8 @@ class VARPipeline(DiffusionPipeline):
         """
         if output_type not in ("pil", "np", "pt"):
             raise UserError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
-        defaults = self.sampling_defaults()
-        guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-        top_k = defaults["top_k"] if top_k is None else top_k
-        top_p = defaults["top_p"] if top_p is None else top_p
-        temperature = defaults["temperature"] if temperature is None else temperature
+        sampling = self.resolve_sampling(guidance_scale, top_k, top_p, temperature)
+        guidance_scale, top_k, top_p, temperature = sampling.values()
         if temperature <= 0:
             raise UserError(f"temperature must be > 0, got {temperature} (use top_k=1 for greedy sampling)")
         if top_k < 0 or not 0 <= top_p <= 1:
