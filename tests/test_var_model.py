@@ -108,7 +108,10 @@ def test_text_cond_dropout_uses_learned_null_prompt():
 
 
 def test_official_layout_d16_and_d36_shared_aln():
-    layouts = json.loads((LAYOUT_DIR / "var_official.json").read_text())
+    path = LAYOUT_DIR / "var_official.json"
+    if not path.is_file():
+        pytest.skip(f"official checkpoint layouts not found at {path}")
+    layouts = json.loads(path.read_text())
     for name, key in (("var-d16", "var_d16"), ("var-d36", "var_d36")):
         with torch.device("meta"):
             model = create_var(name)
