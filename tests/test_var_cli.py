@@ -165,7 +165,8 @@ def test_saved_sampling_defaults_drive_calls_and_cli(tmp_path):
     import json
 
     settings = json.loads((tmp_path / "g.json").read_text())
-    assert (settings["guidance_scale"], settings["top_k"], settings["top_p"], settings["temperature"]) == (3.0, 3, 0.0, 0.5)
+    resolved = (settings["guidance_scale"], settings["top_k"], settings["top_p"], settings["temperature"])
+    assert resolved == (3.0, 3, 0.0, 0.5)
     # a folder saved before sampling defaults existed loads with official VAR's settings
     index = json.loads((tmp_path / "m" / "model_index.json").read_text())
     for key in ("default_guidance_scale", "default_top_k", "default_top_p", "default_temperature"):

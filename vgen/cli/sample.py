@@ -23,7 +23,8 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="classifier-free guidance scale (default: the model's saved setting)")
     parser.add_argument("--top-k", type=int, default=None, help="top-k sampling, 0 = off (default: the model's)")
-    parser.add_argument("--top-p", type=float, default=None, help="top-p (nucleus) sampling, 0 = off (default: the model's)")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="top-p (nucleus) sampling, 0 = off (default: the model's)")
 
 
 def sampling_kwargs(args: argparse.Namespace, pipe) -> dict:
@@ -34,7 +35,8 @@ def sampling_kwargs(args: argparse.Namespace, pipe) -> dict:
 
 def default_out_dir(model_dir: Path, args: argparse.Namespace, sampling: dict) -> Path:
     """A folder name that records every sampling knob, e.g. ``samples/shapes-var-seed0-cfg1.5-topk0-topp1.0-n100``."""
-    knobs = f"seed{args.seed}-cfg{sampling['guidance_scale']}-topk{sampling['top_k']}-topp{sampling['top_p']}-n{args.n}"
+    cfg, top_k, top_p = sampling["guidance_scale"], sampling["top_k"], sampling["top_p"]
+    knobs = f"seed{args.seed}-cfg{cfg}-topk{top_k}-topp{top_p}-n{args.n}"
     return Path("samples") / f"{model_dir.name}-{knobs}"
 
 

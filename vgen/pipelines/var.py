@@ -71,7 +71,7 @@ class VARPipeline(DiffusionPipeline):
         )
 
     def sampling_defaults(self) -> dict:
-        """``{"guidance_scale", "top_k", "top_p", "temperature"}``: what a call uses for the knobs it leaves at None."""
+        """Keys ``guidance_scale, top_k, top_p, temperature``: what a call uses for knobs it leaves at None."""
         return {name: self.config[f"default_{name}"] for name in ("guidance_scale", "top_k", "top_p", "temperature")}
 
     def resolve_sampling(
