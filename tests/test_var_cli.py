@@ -1,6 +1,7 @@
 """``vgen convert var-official`` + ``vgen generate`` on random checkpoints in the official key layout (tiny sizes of
 the parity fixtures: VAR depth 2, width 128, 2 heads, 10 classes, V=512, Cvae=32), and ``VARPipeline`` itself."""
 
+import json
 import subprocess
 import sys
 
@@ -162,8 +163,6 @@ def test_saved_sampling_defaults_drive_calls_and_cli(tmp_path):
     # the CLI records the settings it resolved from the model, and a flag still overrides one knob
     assert main(["generate", "--model", str(tmp_path / "m"), "--class-label", "1", "--n", "1", "--top-k", "3",
                  "--out", str(tmp_path / "g.png")]) == 0
-    import json
-
     settings = json.loads((tmp_path / "g.json").read_text())
     resolved = (settings["guidance_scale"], settings["top_k"], settings["top_p"], settings["temperature"])
     assert resolved == (3.0, 3, 0.0, 0.5)
