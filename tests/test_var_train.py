@@ -64,6 +64,8 @@ def test_thirty_steps_lower_the_loss_and_export_generates(tokenizer_dir, tmp_pat
     first, last = log[0]["loss"], log[-1]["loss"]
     assert last < first - 0.3, (first, last)  # starts near ln(64) = 4.16
     assert 0 <= log[-1]["accuracy"] <= 1 and log[-1]["accuracy"] > log[0]["accuracy"]
+    # the finest scale's share: logged separately (most tokens sit there, but layout is decided before it)
+    assert log[-1]["loss_tail"] < log[0]["loss_tail"] and 0 <= log[-1]["accuracy_tail"] <= 1
     assert list((tmp_path / "run" / "samples").glob("*.png"))
     pipe = VARPipeline.from_pretrained(str(tmp_path / "run" / "final"))
     pipe.set_progress_bar_config(disable=True)

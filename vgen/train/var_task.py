@@ -7,9 +7,11 @@ Loss (official VAR recipe): cross-entropy of the teacher-forced logits against t
 weighted 1/L; the indices and the teacher-forcing input come from the frozen tokenizer on the fly
 (``img_to_idxBl`` -> ``quantize.idxBl_to_var_input``, under ``no_grad``). Conditions are dropped to the null class /
 null prompt with probability ``cond_drop_rate`` inside the model (classifier-free guidance). Logged metrics:
-``loss`` and ``accuracy`` (token top-1). Sample grids run the shared next-scale sampler. ``export`` writes a
-complete :class:`vgen.pipelines.var.VARPipeline` folder (tokenizer + transformer + text encoder) that
-``vgen generate --model`` loads; the task's ``sample_*`` settings become the pipeline's sampling defaults.
+``loss`` and ``accuracy`` (token top-1), and ``loss_tail`` / ``accuracy_tail`` of the finest scale alone (official
+VAR's ``Lt`` / ``Acct``; it holds the most tokens, so the means lean on it while the coarse scales decide the
+layout). Sample grids run the shared next-scale sampler. ``export`` writes a complete
+:class:`vgen.pipelines.var.VARPipeline` folder (tokenizer + transformer + text encoder) that ``vgen generate
+--model`` loads; the task's ``sample_*`` settings become the pipeline's sampling defaults.
 """
 
 from __future__ import annotations
@@ -214,9 +216,16 @@ class VARTask(TrainTask):
             logits_BLV = model(x_BLCv, ids_BT=ids_BT.to(x_BLCv.device), mask_BT=mask_BT.to(x_BLCv.device))
         else:
             logits_BLV = model(x_BLCv, label_B=batch["class_label"].long())
-        loss = F.cross_entropy(logits_BLV.flatten(0, 1).float(), target_BL.flatten())
-        accuracy = (logits_BLV.detach().argmax(-1) == target_BL).float().mean()
-        return loss, {"accuracy": accuracy}
+        ce_BL = F.cross_entropy(logits_BLV.flatten(0, 1).float(), target_BL.flatten(), reduction="none")
+        ce_BL = ce_BL.view_as(target_BL)
+        hit_BL = (logits_BLV.detach().argmax(-1) == target_BL).float()
+        tail = idx_Bl[-1].shape[1]  # tokens of the finest scale (official VAR's "Lt" / "Acct")
+        metrics = {
+            "accuracy": hit_BL.mean(),
+            "loss_tail": ce_BL.detach()[:, -tail:].mean(),
+            "accuracy_tail": hit_BL[:, -tail:].mean(),
+        }
+        return ce_BL.mean(), metrics
 
     @torch.no_grad()
     def sample_grid(self, model: nn.Module, step: int):
