@@ -2,6 +2,8 @@
 that generates; the shipped config parses."""
 
 import json
+import os
+import subprocess
 
 import pytest
 import torch
@@ -89,9 +91,6 @@ def test_class_conditional_task_and_errors(tokenizer_dir):
 
 def test_default_model_script_trains_and_exports_a_pipeline(tmp_path):
     # configs/shapes/train_default_model.sh is the one command that retrains the shipped model; run it for 2 steps.
-    import os
-    import subprocess
-
     env = {**os.environ, "TOK_STEPS": "2", "VAR_STEPS": "2", "BATCH": "2", "WORKERS": "0", "LR_SCALE": "0.5",
            "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(["bash", str(REPO_ROOT / "configs" / "shapes" / "train_default_model.sh"), str(tmp_path)],

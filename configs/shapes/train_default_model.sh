@@ -14,7 +14,8 @@
 #   PRECISION              fp32, bf16 or fp16 (mixed precision needs CUDA; CPU falls back to fp32)
 #   LR_SCALE               multiplies both learning rates (e.g. 2 for twice the batch)
 #
-# Example for one GPU: TOK_STEPS=6000 VAR_STEPS=20000 BATCH=64 WORKERS=12 PRECISION=bf16 bash ... runs/default
+# Example for one GPU (the run configs/shapes/README.md proposes):
+#   TOK_STEPS=6000 VAR_STEPS=30000 BATCH=64 WORKERS=12 PRECISION=bf16 LR_SCALE=1.4 bash ... runs/default_model
 set -euo pipefail
 
 OUT=${1:?usage: bash configs/shapes/train_default_model.sh OUT_DIR}
