@@ -211,6 +211,19 @@ def test_bad_train_settings_are_user_errors(tmp_path):
         train(ToyTask(ToyConfig()), _config(tmp_path, schedule="step"), progress=False)
     with pytest.raises(UserError, match="fewer than one global batch"):
         train(ToyTask(ToyConfig(num_items=4)), _config(tmp_path), progress=False)
+    with pytest.raises(UserError, match="train.max_seconds"):
+        train(ToyTask(ToyConfig()), _config(tmp_path, max_seconds=-1), progress=False)
+
+
+def test_max_seconds_stops_at_a_log_step_with_a_checkpoint_and_an_export_and_resume_finishes(tmp_path, capsys):
+    # Any positive limit is spent by the first log step (step 4).
+    train(ToyTask(ToyConfig()), _config(tmp_path, steps=20, log_every=4, max_seconds=1e-9), progress=False)
+    assert [r["step"] for r in _log(tmp_path)] == [4]
+    assert ckpt_io.load_checkpoint(tmp_path / "checkpoints" / "latest.pt")["step"] == 4
+    assert (tmp_path / "final" / "weights.pt").is_file()
+    assert "stopping at step 4 of 20: train.max_seconds (1e-09 s) is spent" in capsys.readouterr().err
+    train(ToyTask(ToyConfig()), _config(tmp_path, steps=20, log_every=4), resume=True, progress=False)
+    assert [r["step"] for r in _log(tmp_path)] == [4, 8, 12, 16, 20]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")

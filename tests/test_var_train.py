@@ -76,6 +76,17 @@ def test_thirty_steps_lower_the_loss_and_export_generates(tokenizer_dir, tmp_pat
     assert out.images.shape == (1, 3, 32, 32)
 
 
+def test_tokenizer_encodes_in_fp32_inside_a_mixed_precision_step(tokenizer_dir):
+    # Targets must be the codes inference picks: bf16 distances would flip near-ties of the nearest-code search.
+    task = VARTask(tiny_cfg(tokenizer_dir))
+    img_B3HW = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    idx_fp32, x_fp32 = task.encode_images(img_B3HW)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        idx_amp, x_amp = task.encode_images(img_B3HW)
+    assert all(torch.equal(a, b) for a, b in zip(idx_fp32, idx_amp))
+    assert x_amp.dtype == torch.float32 and torch.equal(x_fp32, x_amp)
+
+
 def test_class_conditional_task_and_errors(tokenizer_dir):
     task = VARTask(tiny_cfg(tokenizer_dir, conditioning="class"))
     model = task.build_model()

@@ -92,6 +92,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     seed: int = 0
     num_workers: int = 0
+    #: stop early once this invocation has trained this many seconds (checked at log steps; the stop step is
+    #: logged, checkpointed and exported like a last step, so ``--resume`` can continue); 0 = no limit.
+    max_seconds: float = 0.0
     out_dir: str = "runs/train"
 
     def validate(self) -> None:
@@ -108,6 +111,8 @@ class TrainConfig:
                 raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"train.ema_decay must be in [0, 1) (0 turns EMA off), got {self.ema_decay}")
+        if self.max_seconds < 0:
+            raise UserError(f"train.max_seconds must be >= 0 (0 = no limit), got {self.max_seconds}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise UserError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if len(self.betas) != 2:
@@ -252,6 +257,16 @@ def _autocast_dtype(cfg: TrainConfig, ctx: DistContext) -> torch.dtype | None:
     return dtype
 
 
+def _out_of_time(cfg: TrainConfig, seconds: float, ctx: DistContext) -> bool:
+    """Whether ``train.max_seconds`` is spent, as rank 0 sees it (every rank gets the same answer)."""
+    if not cfg.max_seconds:
+        return False
+    flag = torch.tensor([float(seconds >= cfg.max_seconds)], device=ctx.device)
+    if ctx.is_distributed:
+        torch.distributed.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
 def _rewind_log(log_path: Path, step: int) -> None:
     """Drop log lines past ``step`` (written after the checkpoint a resumed run restarts from)."""
     if not log_path.is_file():
@@ -335,6 +350,7 @@ def _train(task: TrainTask, cfg: TrainConfig, ctx: DistContext, resume: bool, pr
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not (progress and ctx.is_main), dynamic_ncols=True)
     t0 = time.perf_counter()
 
+    out_of_time = False
     try:
         for step in range(start_step + 1, cfg.steps + 1):
             lr = learning_rate(cfg, step - 1)
@@ -375,12 +391,13 @@ def _train(task: TrainTask, cfg: TrainConfig, ctx: DistContext, resume: bool, pr
                         f.write(json.dumps(record) + "\n")
                     bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{lr:.3g}")
                 last_record = record
+                out_of_time = _out_of_time(cfg, time.perf_counter() - t0, ctx)
 
             if cfg.sample_every and step % cfg.sample_every == 0 and ctx.is_main:
                 grid_path = sample_dir / step_filename(step).replace(".pt", ".png")
                 _save_sample_grid(task, ema.model if ema is not None else model, grid_path, step, autocast, ctx)
 
-            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
+            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps or out_of_time:
                 rng_states = gather_objects(capture_rng_state(), ctx)
                 if ctx.is_main:
                     state = {
@@ -395,6 +412,13 @@ def _train(task: TrainTask, cfg: TrainConfig, ctx: DistContext, resume: bool, pr
                     }
                     save_checkpoint(state, ckpt_dir, step, cfg.keep_checkpoints)
                 barrier(ctx)
+            if out_of_time:
+                _say(
+                    f"stopping at step {step} of {cfg.steps}: train.max_seconds ({cfg.max_seconds:g} s) is spent; "
+                    "--resume continues the run",
+                    ctx,
+                )
+                break
     finally:
         bar.close()
 

@@ -200,10 +200,14 @@ class VARTask(TrainTask):
 
     @torch.no_grad()
     def encode_images(self, img_B3HW: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Frozen tokenizer: ``(idx_Bl per scale, x_BLCv_wo_first_l (B, L - first_l, Cvae))``."""
+        """Frozen tokenizer: ``(idx_Bl per scale, x_BLCv_wo_first_l (B, L - first_l, Cvae))``.
+
+        Always in fp32, also inside a mixed-precision step: the nearest-code search must pick the codes that
+        inference on the same image picks."""
         self.vqvae.to(img_B3HW.device)
-        idx_Bl = self.vqvae.img_to_idxBl(img_B3HW.float())
-        return idx_Bl, self.vqvae.quantize.idxBl_to_var_input(idx_Bl)
+        with torch.autocast(device_type=img_B3HW.device.type, enabled=False):
+            idx_Bl = self.vqvae.img_to_idxBl(img_B3HW.float())
+            return idx_Bl, self.vqvae.quantize.idxBl_to_var_input(idx_Bl)
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         from vgen.train.loop import unwrap
