@@ -38,6 +38,9 @@ class VARTaskConfig:
 
     #: trained tokenizer folder (``MultiScaleVQModel.save_pretrained``, e.g. runs/tokenizer_shapes/final)
     tokenizer: str = ""
+    #: a saved pipeline folder (``final/`` of an earlier run) whose transformer and text encoder weights start this
+    #: run (fine-tuning with a fresh optimiser and schedule); its sizes must match this config. "" = random init.
+    init_from: str = ""
     # --- transformer size: a registry name (var-d16 ...) or the official rule from ``depth`` (width 64 * depth)
     size: str = ""
     depth: int = 6
@@ -62,6 +65,8 @@ class VARTaskConfig:
     resolution: int = 64
     dataset_length: int = 100_000
     seed: int = 0
+    #: shapes world: relative caption frequency per GenEval tag (e.g. {counting: 2, position: 2}); None = equal
+    tag_weights: dict[str, float] | None = None
     # --- sampling: used for the grids during training and saved as the exported pipeline's defaults
     sample_prompts: tuple[str, ...] = (
         "a photo of a red circle",
@@ -182,7 +187,33 @@ class VARTask(TrainTask):
                 vocabulary=self._vocabulary(), embed_dim=cfg.text_embed_dim, depth=cfg.text_depth,
                 num_heads=cfg.text_heads, max_length=cfg.text_max_length,
             )
-        return VARTrainModule(VAR(**self.transformer_kwargs()), text_encoder)
+        model = VARTrainModule(VAR(**self.transformer_kwargs()), text_encoder)
+        if cfg.init_from:
+            self._load_initial_weights(model, Path(cfg.init_from))
+        return model
+
+    def _load_initial_weights(self, model: VARTrainModule, folder: Path) -> None:
+        """Copy ``folder``'s transformer (and text encoder) weights into ``model``; one-line errors on a mismatch."""
+        from safetensors.torch import load_file
+
+        parts = {"transformer": model.transformer, "text_encoder": model.text_encoder}
+        for name, module in parts.items():
+            if module is None:
+                continue
+            files = sorted((folder / name).glob("*.safetensors"))
+            if not files:
+                raise UserError(
+                    f"task.init_from: no {name} weights under {folder / name}; give the final/ folder of a "
+                    "'vgen train var' run"
+                )
+            state = load_file(str(files[0]))
+            mismatch = _state_mismatch(module.state_dict(), state)
+            if mismatch:
+                raise UserError(
+                    f"task.init_from: the {name} in {folder} does not match this config's sizes ({mismatch}); "
+                    "set depth/embed_dim/num_heads/text_* as that run had them"
+                )
+            module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
 
     def build_dataset(self) -> torch.utils.data.Dataset:
         if self._dataset is None:
@@ -191,8 +222,11 @@ class VARTask(TrainTask):
                 from vgen.data.shapes import ShapesDataset
 
                 self._dataset = ShapesDataset(resolution=cfg.resolution, length=cfg.dataset_length, seed=cfg.seed,
+                                              tag_weights=cfg.tag_weights,
                                               class_conditional=cfg.conditioning == "class")
             else:
+                if cfg.tag_weights:
+                    raise UserError("task.tag_weights applies to the shapes world only; remove it for world: folder")
                 from vgen.data.folder import ImageFolderDataset
 
                 self._dataset = ImageFolderDataset(cfg.data_path, resolution=cfg.resolution)
@@ -265,3 +299,20 @@ class VARTask(TrainTask):
             default_top_p=cfg.sample_top_p, default_temperature=cfg.sample_temperature,
         )
         pipe.save_pretrained(str(out_dir))
+
+
+def _state_mismatch(expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> str:
+    """A short description of how ``saved`` differs from ``expected`` in keys and shapes; "" when they match."""
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    reshaped = [k for k in expected if k in saved and expected[k].shape != saved[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing weights, e.g. {missing[0]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected weights, e.g. {unexpected[0]}")
+    if reshaped:
+        k = reshaped[0]
+        problems.append(f"{len(reshaped)} of other shapes, e.g. {k} {tuple(saved[k].shape)} "
+                        f"where this config has {tuple(expected[k].shape)}")
+    return "; ".join(problems)
