@@ -48,3 +48,21 @@ def test_unknown_subcommand_is_one_line_exit_2():
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
+
+
+def test_python_m_vgen_in_the_checkout_does_not_shadow_top_level_packages():
+    # `python -m vgen` from the repository root puts the root on sys.path; vgen drops it before importing anything,
+    # so `import tokenizers` (Hugging Face, imported by transformers) cannot pick up this project's folder.
+    code = (
+        "import importlib.util, runpy, sys\n"
+        "sys.argv = ['vgen', '--help']\n"
+        "try:\n"
+        "    runpy.run_module('vgen', run_name='__main__', alter_sys=True)\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "spec = importlib.util.find_spec('tokenizers')\n"
+        "print('origin:', spec.origin if spec is not None else '')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    origin = result.stdout.rsplit("origin:", 1)[1].strip()
+    assert not origin or not Path(origin).resolve().is_relative_to(REPO_ROOT), origin
