@@ -42,7 +42,7 @@ def test_registered_and_shipped_config_parses():
 
 
 @pytest.mark.parametrize("tokenizer_yaml, var_yaml, bytes_per_param", [
-    ("default_model_tokenizer.yaml", "default_model_var.yaml", 4),  # the default model's recipe, shipped in fp32
+    ("default_model_tokenizer.yaml", "default_model_var.yaml", 2),  # the shipped default model (fp16)
     ("tokenizer.yaml", "var_text.yaml", 2),  # the larger recipe, to ship in fp16
 ])
 def test_shapes_recipes_fit_the_shipped_model_budget(tmp_path, tokenizer_yaml, var_yaml, bytes_per_param):
@@ -100,17 +100,43 @@ def test_class_conditional_task_and_errors(tokenizer_dir):
         VARTask(tiny_cfg(tokenizer_dir, resolution=64))
 
 
+def test_init_from_starts_a_run_from_an_exported_pipeline_and_refuses_other_sizes(tokenizer_dir, tmp_path):
+    first = VARTask(tiny_cfg(tokenizer_dir))
+    cfg = TrainConfig(steps=3, batch_size=4, lr=3e-3, log_every=1, ckpt_every=0, out_dir=str(tmp_path / "first"))
+    train(first, cfg, progress=False)
+    exported = VARPipeline.from_pretrained(str(tmp_path / "first" / "final"))
+    model = VARTask(tiny_cfg(tokenizer_dir, init_from=str(tmp_path / "first" / "final"))).build_model()
+    for name in ("transformer", "text_encoder"):
+        saved = getattr(exported, name).state_dict()
+        assert all(torch.equal(v, saved[k]) for k, v in getattr(model, name).state_dict().items())
+    with pytest.raises(UserError, match="does not match this config's sizes .*unexpected weights"):
+        VARTask(tiny_cfg(tokenizer_dir, depth=1, init_from=str(tmp_path / "first" / "final"))).build_model()
+    with pytest.raises(UserError, match="no transformer weights"):
+        VARTask(tiny_cfg(tokenizer_dir, init_from=str(tmp_path / "nowhere"))).build_model()
+
+
+def test_tag_weights_set_the_caption_mix_of_the_shapes_world(tokenizer_dir):
+    dataset = VARTask(tiny_cfg(tokenizer_dir, tag_weights={"counting": 1.0, "position": 0.0})).build_dataset()
+    assert {dataset.world.sample(i).spec["tag"] for i in range(40)} == {"counting"}
+    with pytest.raises(UserError, match="shapes world only"):
+        VARTask(tiny_cfg(tokenizer_dir, world="folder", data_path=str(tokenizer_dir),
+                         tag_weights={"counting": 1.0})).build_dataset()
+
+
 def test_default_model_script_trains_and_exports_a_pipeline(tmp_path):
-    # configs/shapes/train_default_model.sh is the one command that retrains the shipped model; run it for 2 steps.
-    env = {**os.environ, "TOK_STEPS": "2", "VAR_STEPS": "2", "BATCH": "2", "WORKERS": "0", "LR_SCALE": "0.5",
-           "OMP_NUM_THREADS": "1"}
+    # configs/shapes/train_default_model.sh is the one command that retrains the shipped model; run it for 2 steps
+    # of each stage.
+    env = {**os.environ, "TOK_STEPS": "2", "VAR_STEPS": "2", "FT_STEPS": "2", "BATCH": "2", "WORKERS": "0",
+           "LR_SCALE": "0.5", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(["bash", str(REPO_ROOT / "configs" / "shapes" / "train_default_model.sh"), str(tmp_path)],
                           capture_output=True, text=True, timeout=600, env=env, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "train.lr=0.001" in proc.stdout and "train.steps=2" in proc.stdout
-    run_config = (tmp_path / "var" / "config.yaml").read_text()
-    assert f"tokenizer: {tmp_path / 'tokenizer' / 'final'}" in run_config
-    pipe = VARPipeline.from_pretrained(str(tmp_path / "var" / "final"))
+    assert "train.lr=0.0004" in proc.stdout and "train.lr=0.00015" in proc.stdout  # stage 1 and 2 rates, halved
+    assert "train.steps=2" in proc.stdout
+    stage2_config = (tmp_path / "var_ft" / "config.yaml").read_text()
+    assert f"tokenizer: {tmp_path / 'tokenizer' / 'final'}" in stage2_config
+    assert f"init_from: {tmp_path / 'var' / 'final'}" in stage2_config
+    pipe = VARPipeline.from_pretrained(str(tmp_path / "var_ft" / "final"))
     pipe.set_progress_bar_config(disable=True)
     image = pipe(prompt="a photo of a red circle", generator=[torch.Generator().manual_seed(0)]).images[0]
     assert image.size == (64, 64)

@@ -24,7 +24,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("prompt", nargs="*", help="prompt(s) for text-conditional models (quote each prompt)")
     parser.add_argument("--model", default=None,
-                        help="pipeline folder (model_index.json); default: the model shipped with vgen, if any")
+                        help="pipeline folder (model_index.json); default: the model shipped with vgen")
     parser.add_argument("--class-label", type=int, nargs="+", default=None, metavar="N",
                         help="class id(s) for class-conditional models")
     parser.add_argument("--n", type=int, default=4, help="images per prompt / class label (default 4)")

@@ -88,7 +88,8 @@ def register(subparsers) -> None:
         "on class label i mod C or prompt i mod P and seeded with --seed + i, so 'torchrun --nproc-per-node K "
         "-m vgen sample --num-samples N ...' makes the same images as one process. Existing images are skipped (resume).",
     )
-    parser.add_argument("--model", default=None, help="saved pipeline folder (model_index.json)")
+    parser.add_argument("--model", default=None,
+                        help="saved pipeline folder (model_index.json); default: the model shipped with vgen")
     parser.add_argument(
         "--num-samples",
         "--n",
