@@ -13,13 +13,14 @@ import sys
 
 import torch
 from PIL import Image
+
 from vgen.eval.geneval import evaluate_image, load_metadata, summarise
 from vgen.eval.shapes_detector import ShapesDetector
-
 from vgen.pipelines import DEFAULT_MODEL_DIR, load_pipeline
 
 PROMPTS_PER_TASK = 4
 MIN_SHAPES_GENEVAL = 0.5
+
 
 def fixed_prompts() -> list[dict]:
     """4 prompts per GenEval task from the shipped Shapes prompt set, spread over each task's list (24 in all)."""
