@@ -206,3 +206,14 @@ def test_save_load_round_trip(tmp_path):
     cond = model.null_condition(1)
     with torch.no_grad():
         torch.testing.assert_close(loaded(None, x, cond=loaded.null_condition(1)), model(None, x, cond=cond))
+
+
+def test_state_dict_mismatch_names_missing_unexpected_and_reshaped_keys():
+    from vgen.models.state_dicts import state_dict_mismatch
+
+    expected = {"a": torch.zeros(2), "b": torch.zeros(3, 4), "c": torch.zeros(1)}
+    assert state_dict_mismatch(expected, {k: v.clone() for k, v in expected.items()}) == ""
+    saved = {"a": torch.zeros(2), "b": torch.zeros(4, 3), "d": torch.zeros(1), "e": torch.zeros(1)}
+    assert state_dict_mismatch(expected, saved, limit=1) == (
+        "missing key(s): c; unexpected key(s): d ... (2 in all); other shape(s), saved vs expected: b (4, 3) vs (3, 4)"
+    )

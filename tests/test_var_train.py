@@ -109,7 +109,7 @@ def test_init_from_starts_a_run_from_an_exported_pipeline_and_refuses_other_size
     for name in ("transformer", "text_encoder"):
         saved = getattr(exported, name).state_dict()
         assert all(torch.equal(v, saved[k]) for k, v in getattr(model, name).state_dict().items())
-    with pytest.raises(UserError, match="does not match this config's sizes .*unexpected weights"):
+    with pytest.raises(UserError, match="does not match this config's sizes .*unexpected key"):
         VARTask(tiny_cfg(tokenizer_dir, depth=1, init_from=str(tmp_path / "first" / "final"))).build_model()
     with pytest.raises(UserError, match="no transformer weights"):
         VARTask(tiny_cfg(tokenizer_dir, init_from=str(tmp_path / "nowhere"))).build_model()

@@ -38,6 +38,7 @@ from einops import rearrange
 from torch import nn
 
 from vgen.errors import UserError
+from vgen.models.state_dicts import state_dict_mismatch
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
@@ -686,19 +687,9 @@ def load_official_var(
     config = {**official_var_config(sd, patch_nums), **overrides}
     with torch.device("meta"):
         model = VAR(**config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing key(s): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
-        if unexpected:
-            parts.append(f"unexpected key(s): {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}")
-        raise UserError(f"the VAR checkpoint does not match the official layout; {'; '.join(parts)}")
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if sd[k].shape != v.shape]
-    if wrong:
-        raise UserError(f"the VAR checkpoint has tensors of unexpected shape: {', '.join(wrong[:10])}")
+    mismatch = state_dict_mismatch(model.state_dict(), sd)
+    if mismatch:
+        raise UserError(f"the VAR checkpoint does not match the official layout; {mismatch}")
     # Allocate without running the random init (seconds to minutes for d16..d36), then fill every tensor.
     model = model.to_empty(device="cpu")
     model.register_masks(device="cpu")

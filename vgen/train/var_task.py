@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vgen.errors import UserError
+from vgen.models.state_dicts import state_dict_mismatch
 from vgen.models.text_encoder import ShapesTextEncoder, split_words
 from vgen.models.var import VAR, VAR_SIZES, var_size
 from vgen.train.task import TrainTask
@@ -207,7 +208,7 @@ class VARTask(TrainTask):
                     "'vgen train var' run"
                 )
             state = load_file(str(files[0]))
-            mismatch = _state_mismatch(module.state_dict(), state)
+            mismatch = state_dict_mismatch(module.state_dict(), state, limit=3)
             if mismatch:
                 raise UserError(
                     f"task.init_from: the {name} in {folder} does not match this config's sizes ({mismatch}); "
@@ -300,19 +301,3 @@ class VARTask(TrainTask):
         )
         pipe.save_pretrained(str(out_dir))
 
-
-def _state_mismatch(expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> str:
-    """A short description of how ``saved`` differs from ``expected`` in keys and shapes; "" when they match."""
-    missing = [k for k in expected if k not in saved]
-    unexpected = [k for k in saved if k not in expected]
-    reshaped = [k for k in expected if k in saved and expected[k].shape != saved[k].shape]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing weights, e.g. {missing[0]}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected weights, e.g. {unexpected[0]}")
-    if reshaped:
-        k = reshaped[0]
-        problems.append(f"{len(reshaped)} of other shapes, e.g. {k} {tuple(saved[k].shape)} "
-                        f"where this config has {tuple(expected[k].shape)}")
-    return "; ".join(problems)
