@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +33,7 @@ from vgen.eval.geneval import (
 
 from vgen.cli import main
 from vgen.errors import UserError
+from vgen.pipelines import DEFAULT_MODEL_DIR
 
 
 def det(label, box=(0, 0, 10, 10), score=0.95, color=None):
@@ -345,13 +347,25 @@ def test_cli_bad_folder_is_one_line_exit_2():
         (["eval", "geneval", "--real", "--metadata", "geneval"], "--detector"),
         (["eval", "geneval", "--images", "x", "--detector", "nomodule_xyz:make"], "cannot import"),
         (["eval", "geneval", "--real", "--out", "x", "--images-per-prompt", "0"], "at least 1"),
-        (["eval", "geneval"], "one of the arguments"),
+        (["eval", "geneval"], "give --out DIR"),
+        (["eval", "geneval", "--real", "--images", "x"], "not allowed with"),
     ],
 )
 def test_cli_bad_arguments_say_what_to_do(args, needle, capsys):
     code, out, err = run_main(args, capsys)
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and needle in err
+
+
+def test_cli_without_a_source_scores_the_shipped_default_model(tmp_path, capsys):
+    code, out, err = run_main(["eval", "geneval", "--limit", "3", "--images-per-prompt", "1", "--out", str(tmp_path)],
+                              capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["images"] == 3 and 0.0 <= summary["overall"] <= 1.0
+    assert len(list_geneval_images(tmp_path)) == 3
+    settings = json.loads((tmp_path / "sample_config.json").read_text())
+    assert Path(settings["model"]) == DEFAULT_MODEL_DIR.resolve()
 
 
 def test_cli_real_shapes_folder_scores_full_marks(tmp_path, capsys):

@@ -92,7 +92,7 @@ def _run(args: argparse.Namespace) -> int:
         folder = Path(args.images)
     else:
         if args.out is None:
-            raise UserError("--model and --real write images: give --out DIR for them")
+            raise UserError("scoring a model (--model, or the shipped default) or --real writes images: give --out DIR")
         folder = Path(args.out)
         metadata = _select(load_metadata(args.metadata), args.limit)
         if args.real:
@@ -123,9 +123,10 @@ def register_geneval(eval_subparsers) -> None:
         "rules (threshold 0.3, 0.9 for counting, exact counts, colour of the most confident objects, position "
         "from box centres with a 10%% margin). Prints JSON on stdout and a table on stderr.",
     )
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--images", help="folder in GenEval layout: 00000/metadata.jsonl, 00000/samples/0000.png")
-    source.add_argument("--model", help="saved pipeline folder: sample into --out, then score")
+    source.add_argument("--model", help="saved pipeline folder: sample into --out, then score (default when none of "
+                        "--images/--model/--real is given: the model shipped with vgen)")
     source.add_argument("--real", action="store_true", help="render real Shapes images into --out and score them")
     parser.add_argument(
         "--metadata",
