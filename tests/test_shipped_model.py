@@ -16,7 +16,7 @@ from PIL import Image
 
 from vgen.eval.geneval import evaluate_image, load_metadata, summarise
 from vgen.eval.shapes_detector import ShapesDetector
-from vgen.pipelines import DEFAULT_MODEL_DIR, load_pipeline
+from vgen.pipelines import DEFAULT_MODEL_BUDGET_BYTES, DEFAULT_MODEL_DIR, load_pipeline
 
 PROMPTS_PER_TASK = 4
 MIN_SHAPES_GENEVAL = 0.5
@@ -37,7 +37,7 @@ def fixed_prompts() -> list[dict]:
 def test_default_model_is_shipped_within_budget():
     assert (DEFAULT_MODEL_DIR / "model_index.json").is_file()
     weights = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.rglob("*.safetensors"))
-    assert weights <= 25 * 10**6
+    assert weights <= DEFAULT_MODEL_BUDGET_BYTES
     index = json.loads((DEFAULT_MODEL_DIR / "model_index.json").read_text())
     assert {"vqvae", "transformer", "text_encoder"} <= set(index)
     pipe, _ = load_pipeline(None, "cpu")

@@ -1,6 +1,7 @@
 """``vgen train var``: a 30-step CPU run of a tiny text-conditional config lowers the loss and exports a pipeline
 that generates; the shipped config parses."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -8,9 +9,11 @@ import subprocess
 import pytest
 import torch
 from conftest import REPO_ROOT
+from safetensors.torch import load_file
 from vgen.tokenizers.msvq import MultiScaleVQModel
 
 from vgen.errors import UserError
+from vgen.pipelines import DEFAULT_MODEL_BUDGET_BYTES
 from vgen.pipelines.var import VARPipeline
 from vgen.train.loop import TrainConfig, train
 from vgen.train.registry import load_run_config, load_task
@@ -54,7 +57,7 @@ def test_shapes_recipes_fit_the_shipped_model_budget(tmp_path, tokenizer_yaml, v
                                  [f"task.tokenizer={tmp_path / 'tokenizer'}"])
     model = VARTask(var_cfg).build_model()
     total = bytes_per_param * sum(p.numel() for m in (vqvae, model) for p in m.parameters())
-    assert total <= 25 * 10**6, f"{total / 10**6:.1f} MB"
+    assert total <= DEFAULT_MODEL_BUDGET_BYTES, f"{total / 10**6:.1f} MB"
 
 
 def test_thirty_steps_lower_the_loss_and_export_generates(tokenizer_dir, tmp_path):
@@ -121,6 +124,39 @@ def test_tag_weights_set_the_caption_mix_of_the_shapes_world(tokenizer_dir):
     with pytest.raises(UserError, match="shapes world only"):
         VARTask(tiny_cfg(tokenizer_dir, world="folder", data_path=str(tokenizer_dir),
                          tag_weights={"counting": 1.0})).build_dataset()
+
+
+def _ship_script():
+    path = REPO_ROOT / "configs" / "shapes" / "ship_default_model.py"
+    spec = importlib.util.spec_from_file_location("ship_default_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ship_script_writes_fp16_weights_with_sampling_defaults_and_refuses_over_budget(tokenizer_dir, tmp_path,
+                                                                                          monkeypatch, capsys):
+    cfg = TrainConfig(steps=2, batch_size=4, lr=3e-3, log_every=1, ckpt_every=0, out_dir=str(tmp_path / "run"))
+    train(VARTask(tiny_cfg(tokenizer_dir)), cfg, progress=False)
+    ship = _ship_script()
+    out = tmp_path / "shipped"
+    assert ship.main([str(tmp_path / "run" / "final"), "--out", str(out), "--guidance-scale", "2.5",
+                      "--top-k", "7"]) == 0
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["default_guidance_scale"] == 2.5 and index["default_top_k"] == 7
+    assert str(tmp_path) not in json.dumps(index)  # no local path of the training run
+    saved = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in saved.values() if v.is_floating_point()} == {torch.float16}
+    trained = VARPipeline.from_pretrained(str(tmp_path / "run" / "final")).transformer.state_dict()
+    shipped = VARPipeline.from_pretrained(str(out)).transformer.state_dict()
+    assert all(v.dtype == torch.float32 and torch.equal(v, trained[k].half().float()) for k, v in shipped.items())
+    # over the budget: refused in one line, and the folder already there is kept
+    monkeypatch.setattr(ship, "DEFAULT_MODEL_BUDGET_BYTES", 1)
+    capsys.readouterr()
+    assert ship.main([str(tmp_path / "run" / "final"), "--out", str(out), "--guidance-scale", "9"]) == 2
+    assert "over the 0 MB budget" in capsys.readouterr().err
+    assert json.loads((out / "model_index.json").read_text())["default_guidance_scale"] == 2.5
+    assert not (tmp_path / "shipped.tmp").exists()
 
 
 def test_default_model_script_trains_and_exports_a_pipeline(tmp_path):

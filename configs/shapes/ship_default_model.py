@@ -14,9 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from vgen.pipelines import DEFAULT_MODEL_DIR, load_pipeline
-
-BUDGET_BYTES = 25 * 10**6
+from vgen.pipelines import DEFAULT_MODEL_BUDGET_BYTES, DEFAULT_MODEL_DIR, load_pipeline
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(staging, ignore_errors=True)
     pipe.save_pretrained(str(staging))
     size = sum(p.stat().st_size for p in staging.rglob("*.safetensors"))
-    if size > BUDGET_BYTES:
+    if size > DEFAULT_MODEL_BUDGET_BYTES:
         shutil.rmtree(staging)
-        print(f"error: the weights take {size / 1e6:.1f} MB, over the {BUDGET_BYTES / 1e6:.0f} MB budget; "
+        print(f"error: the weights take {size / 1e6:.1f} MB, over the {DEFAULT_MODEL_BUDGET_BYTES / 1e6:.0f} MB budget; "
               "ship a smaller model", file=sys.stderr)
         return 2
     shutil.rmtree(out, ignore_errors=True)

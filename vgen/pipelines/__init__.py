@@ -9,6 +9,8 @@ from vgen.errors import UserError
 
 #: Where the packaged default pipeline folder (``model_index.json`` + component folders) lives once one ships.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "default_model"
+#: Most bytes of weights the packaged default model may take (it ships inside every install).
+DEFAULT_MODEL_BUDGET_BYTES = 25 * 10**6
 
 
 def default_model_dir() -> Path:
