@@ -68,6 +68,23 @@ def test_kv_cached_sampling_equals_masked_full_forward_text_cross_attn():
         _teacher_forced_check(model, vq, cond, cond)
 
 
+def test_forward_on_the_first_scales_gives_the_full_forwards_first_logits():
+    # Coarse training rows feed only the first k scales: the block-causal mask makes their logits exact.
+    enc = tiny_text_encoder()
+    model, vq = tiny_var(conditioning="text", text_embed_dim=32, text_cross_attn=True), tiny_vqvae()
+    idx_Bl = [torch.randint(32, (2, pn * pn), generator=torch.Generator().manual_seed(pn)) for pn in PATCH_NUMS]
+    x_BLCv = vq.quantize.idxBl_to_var_input(idx_Bl)
+    with torch.no_grad():
+        cond = model.text_condition(*enc.encode(["a photo of a red circle", "a photo of two blue stars"]))
+        full_BLV = model(None, x_BLCv, cond=cond)
+        for k, (_, end) in enumerate(model.begin_ends[:-1], start=1):
+            first_BlV = model(None, x_BLCv[:, : end - 1], cond=cond)
+            assert first_BlV.shape == (2, end, 32), k
+            torch.testing.assert_close(first_BlV, full_BLV[:, :end], atol=2e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="whole number of scales .*1, 5, 14, 30"):
+            model(None, x_BLCv[:, :6], cond=cond)
+
+
 def test_mask_is_block_causal():
     model = tiny_var()
     bias = model.attn_bias_for_masking[0, 0]
@@ -171,6 +188,42 @@ def test_text_encoder_unknown_word_error_and_tokens():
     assert ids.shape == (2, 6) and mask.sum(1).tolist() == [6, 1]
     pooled, tokens = enc(ids, mask)
     assert pooled.shape == (2, 32) and tokens.shape == (2, 6, 32) and tokens[1, 1:].abs().sum() == 0
+
+
+def test_text_encoder_sees_word_order_from_the_start():
+    # Words and positions start at the same scale: with N(0, 1) word embeddings (the embedding layer's default) the
+    # positions were drowned out and swapping two colour words left every token as it was (cosine 0.999998).
+    torch.manual_seed(0)
+    enc = ShapesTextEncoder(embed_dim=192, depth=2, num_heads=4).eval()
+    assert enc.token_embed.weight.std() < 0.03 and enc.token_embed.weight[0].abs().sum() == 0
+    with torch.no_grad():
+        _, tokens, _ = enc.encode(["a photo of a red circle and a blue square",
+                                   "a photo of a blue circle and a red square"])
+    assert torch.nn.functional.cosine_similarity(tokens[0, 5], tokens[1, 5], dim=0) < 0.999
+
+
+def test_word_mixing_starts_as_the_identity_and_binds_words_to_their_neighbours():
+    torch.manual_seed(0)
+    plain = ShapesTextEncoder(embed_dim=32, depth=1, num_heads=2).eval()
+    mixed = ShapesTextEncoder(embed_dim=32, depth=1, num_heads=2, word_mixing=3).eval()
+    assert set(mixed.state_dict()) - set(plain.state_dict()) == {
+        f"word_mixer.{name}.{kind}" for name in ("conv", "proj") for kind in ("weight", "bias")}
+    mixed.load_state_dict({**mixed.state_dict(), **plain.state_dict()})
+    swapped = ["a photo of a red circle and a blue square", "a photo of a blue circle and a red square"]
+    with torch.no_grad():
+        for a, b in zip(plain.encode(swapped), mixed.encode(swapped)):
+            assert torch.equal(a, b)  # the new block's projection starts at zero
+        torch.nn.init.normal_(mixed.word_mixer.proj.weight, std=0.2)
+        _, tokens, _ = mixed.encode(swapped)
+        _, plain_tokens, _ = plain.encode(swapped)
+        # "circle" (word 5) now carries the colour word before it; padding of a shorter prompt never leaks in
+        cosine = torch.nn.functional.cosine_similarity
+        assert cosine(tokens[0, 5], tokens[1, 5], dim=0) < cosine(plain_tokens[0, 5], plain_tokens[1, 5], dim=0)
+        _, batched, _ = mixed.encode(["a photo of a red circle", "a photo of a red circle left of a blue square"])
+        _, alone, _ = mixed.encode(["a photo of a red circle"])
+        torch.testing.assert_close(batched[0, :6], alone[0], atol=1e-6, rtol=1e-5)
+    with pytest.raises(UserError, match="odd kernel size"):
+        ShapesTextEncoder(embed_dim=32, depth=1, num_heads=2, word_mixing=2)
 
 
 def test_class_and_text_misuse_errors():

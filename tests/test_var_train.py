@@ -60,6 +60,20 @@ def test_shapes_recipes_fit_the_shipped_model_budget(tmp_path, tokenizer_yaml, v
     assert total <= DEFAULT_MODEL_BUDGET_BYTES, f"{total / 10**6:.1f} MB"
 
 
+def test_text_binding_config_trains_only_the_text_path_of_the_default_model(tmp_path):
+    tok_cfg, _ = load_run_config("tokenizer", REPO_ROOT / "configs" / "shapes" / "default_model_tokenizer.yaml")
+    load_task("tokenizer")(tok_cfg).build_model().save_pretrained(tmp_path / "tokenizer")
+    var_cfg, train_cfg = load_run_config("var", REPO_ROOT / "configs" / "shapes" / "var_text_binding_ft.yaml",
+                                         [f"task.tokenizer={tmp_path / 'tokenizer'}", "task.init_from="])
+    model = VARTask(var_cfg).build_model()
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert model.text_encoder.word_mixer is not None and "transformer.head.weight" not in trained
+    assert {n for n in trained if n.startswith("text_encoder.")} == {n for n, _ in model.text_encoder.named_parameters(
+        prefix="text_encoder")}
+    assert 0.2 < sum(p.numel() for n, p in model.named_parameters() if n in trained) / 11.2e6 < 0.3
+    assert VARTask(var_cfg).coarse_rows(train_cfg.batch_size) == 84
+
+
 def test_thirty_steps_lower_the_loss_and_export_generates(tokenizer_dir, tmp_path):
     task = VARTask(tiny_cfg(tokenizer_dir))
     cfg = TrainConfig(steps=30, batch_size=4, lr=3e-3, warmup_steps=0, schedule="constant", log_every=5,
@@ -116,6 +130,36 @@ def test_init_from_starts_a_run_from_an_exported_pipeline_and_refuses_other_size
         VARTask(tiny_cfg(tokenizer_dir, depth=1, init_from=str(tmp_path / "first" / "final"))).build_model()
     with pytest.raises(UserError, match="no transformer weights"):
         VARTask(tiny_cfg(tokenizer_dir, init_from=str(tmp_path / "nowhere"))).build_model()
+    # word mixing starts as the identity, so it may be added to a run saved without it: same outputs
+    mixed = VARTask(tiny_cfg(tokenizer_dir, text_word_mixing=3, init_from=str(tmp_path / "first" / "final")))
+    encoder = mixed.build_model().text_encoder.eval()
+    assert encoder.word_mixer is not None
+    prompt = ["a photo of two blue stars"]
+    with torch.no_grad():
+        for a, b in zip(encoder.encode(prompt), exported.text_encoder.encode(prompt)):
+            assert torch.equal(a, b)
+
+
+def test_trainable_patterns_freeze_the_rest_of_the_model(tokenizer_dir, tmp_path):
+    first = TrainConfig(steps=1, batch_size=4, lr=1e-3, log_every=1, ckpt_every=0, out_dir=str(tmp_path / "first"))
+    train(VARTask(tiny_cfg(tokenizer_dir)), first, progress=False)
+    start = VARPipeline.from_pretrained(str(tmp_path / "first" / "final"))
+    patterns = ("text_encoder.*", "transformer.blocks.*.cross_attn.*")
+    task = VARTask(tiny_cfg(tokenizer_dir, trainable=patterns, init_from=str(tmp_path / "first" / "final")))
+    model = task.build_model()
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        n for n, _ in model.named_parameters() if n.startswith("text_encoder.") or ".cross_attn." in n]
+    cfg = TrainConfig(steps=2, batch_size=4, lr=1e-2, log_every=1, ckpt_every=0, out_dir=str(tmp_path / "run"))
+    train(task, cfg, progress=False)
+    tuned = VARPipeline.from_pretrained(str(tmp_path / "run" / "final"))
+    for name in ("transformer", "text_encoder"):
+        saved, now = getattr(start, name).state_dict(), getattr(tuned, name).state_dict()
+        for key, value in now.items():
+            trained = name == "text_encoder" or ".cross_attn." in key
+            assert torch.equal(value, saved[key]) != trained, f"{name}.{key}"
+    with pytest.raises(UserError, match=r"'transformer.blocks.\*.crossattn.\*' match\(es\) no parameter"):
+        VARTask(tiny_cfg(tokenizer_dir, trainable=("text_encoder.*", "transformer.blocks.*.crossattn.*"))
+                ).build_model()
 
 
 def test_tag_weights_set_the_caption_mix_of_the_shapes_world(tokenizer_dir):
@@ -124,6 +168,40 @@ def test_tag_weights_set_the_caption_mix_of_the_shapes_world(tokenizer_dir):
     with pytest.raises(UserError, match="shapes world only"):
         VARTask(tiny_cfg(tokenizer_dir, world="folder", data_path=str(tokenizer_dir),
                          tag_weights={"counting": 1.0})).build_dataset()
+
+
+def test_coarse_rows_train_the_first_scales_of_part_of_the_batch(tokenizer_dir, tmp_path):
+    # 6 of 8 rows teacher-forced on the first 2 scales (1 + 4 tokens), 2 rows on all 85: the loss is the mean over
+    # every trained token, the same as the full rows' and coarse rows' logits scored by hand.
+    task = VARTask(tiny_cfg(tokenizer_dir, coarse_fraction=0.75, coarse_scales=2, cond_drop_rate=0.0))
+    model = task.build_model().eval()
+    captions = ["a photo of a red circle", "a photo of two blue stars"] * 4
+    batch = {"image": torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1,
+             "caption": captions}
+    assert task.coarse_rows(8) == 6 and task.coarse_rows(2) == 1
+    loss, metrics = task.loss(model, batch)
+    idx_Bl, x_BLCv = task.encode_images(batch["image"])
+    target_BL = torch.cat(idx_Bl, dim=1)
+    ids_BT, mask_BT = model.text_encoder.tokenize(captions)
+    with torch.no_grad():
+        logits_BLV = model(x_BLCv, ids_BT=ids_BT, mask_BT=mask_BT)
+    ce_BL = torch.nn.functional.cross_entropy(logits_BLV.transpose(1, 2), target_BL, reduction="none")
+    expected = (ce_BL[:2].sum() + ce_BL[2:, :5].sum()) / (2 * 85 + 6 * 5)
+    torch.testing.assert_close(loss.detach(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(metrics["loss_coarse"], ce_BL[2:, :5].mean(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(metrics["loss_tail"], ce_BL[:2, -64:].mean(), atol=1e-5, rtol=1e-5)
+    # a run with coarse rows trains and exports like any other
+    cfg = TrainConfig(steps=2, batch_size=4, lr=1e-3, log_every=1, ckpt_every=0, out_dir=str(tmp_path / "run"))
+    train(VARTask(tiny_cfg(tokenizer_dir, coarse_fraction=0.5, coarse_scales=3, text_word_mixing=3)), cfg,
+          progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert "loss_coarse" in log[-1]
+    exported = VARPipeline.from_pretrained(str(tmp_path / "run" / "final"))
+    assert exported.text_encoder.config.word_mixing == 3 and exported.text_encoder.word_mixer is not None
+    with pytest.raises(UserError, match="coarse_scales must be 1..3"):
+        VARTask(tiny_cfg(tokenizer_dir, coarse_fraction=0.5, coarse_scales=4))
+    with pytest.raises(UserError, match=r"coarse_fraction must be in \[0, 1\)"):
+        VARTask(tiny_cfg(tokenizer_dir, coarse_fraction=1.0, coarse_scales=2))
 
 
 def _ship_script():
@@ -163,7 +241,7 @@ def test_default_model_script_trains_and_exports_a_pipeline(tmp_path):
     # configs/shapes/train_default_model.sh is the one command that retrains the shipped model; run it for 2 steps
     # of each stage.
     env = {**os.environ, "TOK_STEPS": "2", "VAR_STEPS": "2", "FT_STEPS": "2", "BATCH": "2", "WORKERS": "0",
-           "LR_SCALE": "0.5", "OMP_NUM_THREADS": "1"}
+           "LR_SCALE": "0.5", "WORD_MIXING": "3", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(["bash", str(REPO_ROOT / "configs" / "shapes" / "train_default_model.sh"), str(tmp_path)],
                           capture_output=True, text=True, timeout=600, env=env, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -173,6 +251,7 @@ def test_default_model_script_trains_and_exports_a_pipeline(tmp_path):
     assert f"tokenizer: {tmp_path / 'tokenizer' / 'final'}" in stage2_config
     assert f"init_from: {tmp_path / 'var' / 'final'}" in stage2_config
     pipe = VARPipeline.from_pretrained(str(tmp_path / "var_ft" / "final"))
+    assert pipe.text_encoder.config.word_mixing == 3 and "text_word_mixing: 3" in stage2_config
     pipe.set_progress_bar_config(disable=True)
     image = pipe(prompt="a photo of a red circle", generator=[torch.Generator().manual_seed(0)]).images[0]
     assert image.size == (64, 64)

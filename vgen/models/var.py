@@ -299,6 +299,12 @@ class VARCondition:
     context_BTC: torch.Tensor | None = None
     context_mask_BT: torch.Tensor | None = None
 
+    def rows(self, start: int, end: int) -> VARCondition:
+        """Rows ``start:end`` of every field."""
+        if self.context_BTC is None:
+            return VARCondition(self.cond_BD[start:end])
+        return VARCondition(self.cond_BD[start:end], self.context_BTC[start:end], self.context_mask_BT[start:end])
+
     def cat(self, other: VARCondition) -> VARCondition:
         if self.context_BTC is None:
             return VARCondition(torch.cat((self.cond_BD, other.cond_BD)))
@@ -549,13 +555,21 @@ class VAR(ModelMixin, ConfigMixin):
 
         Args:
             label_B: class labels (B,) for class models (None when ``cond`` is given).
-            x_BLCv_wo_first_l: (B, L - first_l, Cvae) from the tokenizer's ``idxBl_to_var_input``.
+            x_BLCv_wo_first_l: (B, L - first_l, Cvae) from the tokenizer's ``idxBl_to_var_input``, or the first
+                ``Lk - first_l`` of those tokens for logits of the first k scales only (``Lk`` =
+                ``begin_ends[k - 1][1]``; the block-causal mask makes them exactly the full run's first Lk logits).
             cond: a :class:`VARCondition` (text models: from :meth:`text_condition`).
         Returns:
-            ``logits_BLV`` (B, L, V) float32. In training mode rows are replaced by the null condition with
+            ``logits_BLV`` (B, L or Lk, V) float32. In training mode rows are replaced by the null condition with
             probability ``cond_drop_rate``.
         """
         B = x_BLCv_wo_first_l.shape[0]
+        L = self.first_l + x_BLCv_wo_first_l.shape[1]
+        if L not in {ed for _, ed in self.begin_ends}:
+            raise ValueError(
+                f"VAR input has {L} tokens with the start token; expected the tokens of a whole number of scales "
+                f"({', '.join(str(ed) for _, ed in self.begin_ends)})"
+            )
         if cond is None:
             if label_B is None:
                 raise ValueError("pass label_B (class model) or cond")
@@ -565,8 +579,8 @@ class VAR(ModelMixin, ConfigMixin):
             cond = self.drop_condition(cond, drop_B)
         sos_BlC = cond.cond_BD.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, self.first_l, -1)
         x_BLC = torch.cat((sos_BlC, self.word_embed(x_BLCv_wo_first_l.float())), dim=1)
-        x_BLC = x_BLC + self.lvl_pos_1LC()
-        x_BLC = self._run_blocks(x_BLC, cond, self.attn_bias_for_masking)
+        x_BLC = x_BLC + self.lvl_pos_1LC()[:, :L]
+        x_BLC = self._run_blocks(x_BLC, cond, self.attn_bias_for_masking[:, :, :L, :L])
         return self.get_logits(x_BLC, cond.cond_BD)
 
     # -- next-scale step interface (vgen.samplers.interfaces.NextScaleModel) -------------------------------------

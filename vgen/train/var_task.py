@@ -9,13 +9,16 @@ weighted 1/L; the indices and the teacher-forcing input come from the frozen tok
 null prompt with probability ``cond_drop_rate`` inside the model (classifier-free guidance). Logged metrics:
 ``loss`` and ``accuracy`` (token top-1), and ``loss_tail`` / ``accuracy_tail`` of the finest scale alone (official
 VAR's ``Lt`` / ``Acct``; it holds the most tokens, so the means lean on it while the coarse scales decide the
-layout). Sample grids run the shared next-scale sampler. ``export`` writes a complete
-:class:`vgen.pipelines.var.VARPipeline` folder (tokenizer + transformer + text encoder) that ``vgen generate
---model`` loads; the task's ``sample_*`` settings become the pipeline's sampling defaults.
+layout). With ``coarse_fraction`` part of every batch trains on the first ``coarse_scales`` scales only (cheaper
+rows that weigh layout and colour more); ``trainable`` freezes everything but the named parameters (e.g. only the
+text path, when the text encoder gains word mixing). Sample grids run the shared next-scale sampler. ``export``
+writes a complete :class:`vgen.pipelines.var.VARPipeline` folder (tokenizer + transformer + text encoder) that
+``vgen generate --model`` loads; the task's ``sample_*`` settings become the pipeline's sampling defaults.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,9 @@ class VARTaskConfig:
     #: a saved pipeline folder (``final/`` of an earlier run) whose transformer and text encoder weights start this
     #: run (fine-tuning with a fresh optimiser and schedule); its sizes must match this config. "" = random init.
     init_from: str = ""
+    #: glob patterns of the parameters this run trains (names as in ``VARTrainModule``, e.g.
+    #: ``text_encoder.*``, ``transformer.blocks.*.cross_attn.*``); the rest stay frozen. Empty = train everything.
+    trainable: tuple[str, ...] = ()
     # --- transformer size: a registry name (var-d16 ...) or the official rule from ``depth`` (width 64 * depth)
     size: str = ""
     depth: int = 6
@@ -60,6 +66,8 @@ class VARTaskConfig:
     text_depth: int = 2
     text_heads: int = 4
     text_max_length: int = 32
+    #: odd window of words mixed into every text token after the encoder (ShapesTextEncoder ``word_mixing``); 0 = off
+    text_word_mixing: int = 0
     # --- data
     world: str = "shapes"
     data_path: str = ""
@@ -68,6 +76,12 @@ class VARTaskConfig:
     seed: int = 0
     #: shapes world: relative caption frequency per GenEval tag (e.g. {counting: 2, position: 2}); None = equal
     tag_weights: dict[str, float] | None = None
+    # --- coarse rows: this share of every batch's rows is teacher-forced on the first ``coarse_scales`` scales only.
+    #: Such a row costs about (tokens of those scales) / L of a full row (30 / 386 for 4 of the Shapes tokenizer's
+    #: 7 scales), so a step sees more layouts for the same compute, and the coarse scales, which decide where objects
+    #: go and what colour they are, weigh more in the loss. 0 = every row full.
+    coarse_fraction: float = 0.0
+    coarse_scales: int = 0
     # --- sampling: used for the grids during training and saved as the exported pipeline's defaults
     sample_prompts: tuple[str, ...] = (
         "a photo of a red circle",
@@ -96,12 +110,37 @@ class VARTrainModule(nn.Module):
         self.text_encoder = text_encoder
 
     def forward(self, x_BLCv_wo_first_l: torch.Tensor, label_B: torch.Tensor | None = None,
-                ids_BT: torch.Tensor | None = None, mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+                ids_BT: torch.Tensor | None = None, mask_BT: torch.Tensor | None = None,
+                coarse_x_BlCv: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Conditions (labels or prompts) come for ``B + Bc`` rows: the first B go with ``x_BLCv_wo_first_l``
+        (B, L - first_l, Cvae), the last Bc with ``coarse_x_BlCv`` (Bc, Lk - first_l, Cvae), the inputs of the first
+        k scales only. Without coarse rows: ``logits_BLV``; with them ``(logits_BLV, logits_BlV (Bc, Lk, V))``, both
+        from this one call (one forward per step, as DDP expects)."""
+        transformer = self.transformer
         if self.text_encoder is None:
-            return self.transformer(label_B, x_BLCv_wo_first_l)
-        pooled_BD, tokens_BTD = self.text_encoder(ids_BT, mask_BT)
-        cond = self.transformer.text_condition(pooled_BD, tokens_BTD, mask_BT)
-        return self.transformer(None, x_BLCv_wo_first_l, cond=cond)
+            cond = transformer.class_condition(label_B)
+        else:
+            pooled_BD, tokens_BTD = self.text_encoder(ids_BT, mask_BT)
+            cond = transformer.text_condition(pooled_BD, tokens_BTD, mask_BT)
+        if coarse_x_BlCv is None:
+            return transformer(None, x_BLCv_wo_first_l, cond=cond)
+        B, Bc = x_BLCv_wo_first_l.shape[0], coarse_x_BlCv.shape[0]
+        return (transformer(None, x_BLCv_wo_first_l, cond=cond.rows(0, B)),
+                transformer(None, coarse_x_BlCv, cond=cond.rows(B, B + Bc)))
+
+
+def freeze_all_but(model: nn.Module, patterns: tuple[str, ...]) -> None:
+    """``requires_grad`` only for parameters whose name matches one of the glob ``patterns``; a pattern that matches
+    nothing is an error (a typo would otherwise freeze what it meant to train)."""
+    names = [name for name, _ in model.named_parameters()]
+    unmatched = [pat for pat in patterns if not fnmatch.filter(names, pat)]
+    if unmatched:
+        raise UserError(
+            f"task.trainable: {', '.join(repr(p) for p in unmatched)} match(es) no parameter; names look like "
+            f"{names[0]}, {names[-1]}"
+        )
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(fnmatch.fnmatchcase(name, pat) for pat in patterns))
 
 
 class VARTask(TrainTask):
@@ -114,6 +153,7 @@ class VARTask(TrainTask):
         if cfg.world not in WORLDS:
             raise UserError(f"task.world must be one of {', '.join(WORLDS)}, got {cfg.world!r}")
         self.vqvae = self._load_tokenizer()
+        self._check_coarse_rows()
         self._dataset = None
 
     # -- pieces ----------------------------------------------------------------------------------------------
@@ -134,6 +174,18 @@ class VARTask(TrainTask):
                 "images; set task.resolution to match"
             )
         return vqvae
+
+    def _check_coarse_rows(self) -> None:
+        cfg, num_scales = self.cfg, len(self.vqvae.patch_nums)
+        if not 0 <= cfg.coarse_fraction < 1:
+            raise UserError(
+                f"task.coarse_fraction must be in [0, 1) (a share of each batch), got {cfg.coarse_fraction}"
+            )
+        if cfg.coarse_fraction > 0 and not 1 <= cfg.coarse_scales < num_scales:
+            raise UserError(
+                f"task.coarse_scales must be 1..{num_scales - 1} (this tokenizer has {num_scales} scales) when "
+                f"task.coarse_fraction is set, got {cfg.coarse_scales}"
+            )
 
     def _vocabulary(self) -> list[str]:
         if self.cfg.world == "shapes":
@@ -186,11 +238,13 @@ class VARTask(TrainTask):
         if cfg.conditioning == "text":
             text_encoder = ShapesTextEncoder(
                 vocabulary=self._vocabulary(), embed_dim=cfg.text_embed_dim, depth=cfg.text_depth,
-                num_heads=cfg.text_heads, max_length=cfg.text_max_length,
+                num_heads=cfg.text_heads, max_length=cfg.text_max_length, word_mixing=cfg.text_word_mixing,
             )
         model = VARTrainModule(VAR(**self.transformer_kwargs()), text_encoder)
         if cfg.init_from:
             self._load_initial_weights(model, Path(cfg.init_from))
+        if cfg.trainable:
+            freeze_all_but(model, cfg.trainable)
         return model
 
     def _load_initial_weights(self, model: VARTrainModule, folder: Path) -> None:
@@ -208,13 +262,18 @@ class VARTask(TrainTask):
                     "'vgen train var' run"
                 )
             state = load_file(str(files[0]))
-            mismatch = state_dict_mismatch(module.state_dict(), state, limit=3)
+            # blocks that start as the identity (e.g. the text encoder's word mixing) may be new in this run
+            expected = module.state_dict()
+            new_blocks = tuple(getattr(module, "IDENTITY_WHEN_ABSENT", ()))
+            added = [k for k in expected if k not in state and k.startswith(new_blocks)] if new_blocks else []
+            mismatch = state_dict_mismatch({k: v for k, v in expected.items() if k not in added}, state, limit=3)
             if mismatch:
                 raise UserError(
                     f"task.init_from: the {name} in {folder} does not match this config's sizes ({mismatch}); "
                     "set depth/embed_dim/num_heads/text_* as that run had them"
                 )
-            module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+            state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+            module.load_state_dict({**{k: expected[k] for k in added}, **state})
 
     def build_dataset(self) -> torch.utils.data.Dataset:
         if self._dataset is None:
@@ -244,7 +303,16 @@ class VARTask(TrainTask):
             idx_Bl = self.vqvae.img_to_idxBl(img_B3HW.float())
             return idx_Bl, self.vqvae.quantize.idxBl_to_var_input(idx_Bl)
 
+    def coarse_rows(self, batch_size: int) -> int:
+        """How many of a batch's rows are coarse rows (``coarse_fraction`` of them, always leaving one full row)."""
+        if self.cfg.coarse_fraction <= 0:
+            return 0
+        return min(batch_size - 1, round(batch_size * self.cfg.coarse_fraction))
+
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Mean cross-entropy over every trained token: all L of a full row, the first Lk of a coarse row (the
+        last ``coarse_rows(B)`` rows of the batch). ``accuracy`` / ``*_tail`` come from the full rows;
+        ``loss_coarse`` is the coarse rows' mean."""
         from vgen.train.loop import unwrap
 
         idx_Bl, x_BLCv = self.encode_images(batch["image"])
@@ -252,19 +320,35 @@ class VARTask(TrainTask):
         inner = unwrap(model)
         if inner.text_encoder is not None:
             ids_BT, mask_BT = inner.text_encoder.tokenize(list(batch["caption"]))
-            logits_BLV = model(x_BLCv, ids_BT=ids_BT.to(x_BLCv.device), mask_BT=mask_BT.to(x_BLCv.device))
+            condition = {"ids_BT": ids_BT.to(x_BLCv.device), "mask_BT": mask_BT.to(x_BLCv.device)}
         else:
-            logits_BLV = model(x_BLCv, label_B=batch["class_label"].long())
-        ce_BL = F.cross_entropy(logits_BLV.flatten(0, 1).float(), target_BL.flatten(), reduction="none")
-        ce_BL = ce_BL.view_as(target_BL)
-        hit_BL = (logits_BLV.detach().argmax(-1) == target_BL).float()
+            condition = {"label_B": batch["class_label"].long()}
+        num_coarse = self.coarse_rows(target_BL.shape[0])
+        num_full = target_BL.shape[0] - num_coarse
+        if num_coarse:
+            first_l = idx_Bl[0].shape[1]
+            coarse_L = sum(idx.shape[1] for idx in idx_Bl[: self.cfg.coarse_scales])
+            logits_BLV, coarse_logits_BlV = model(x_BLCv[:num_full], **condition,
+                                                  coarse_x_BlCv=x_BLCv[num_full:, : coarse_L - first_l])
+        else:
+            logits_BLV = model(x_BLCv, **condition)
+        full_target_BL = target_BL[:num_full]
+        ce_BL = F.cross_entropy(logits_BLV.flatten(0, 1).float(), full_target_BL.flatten(), reduction="none")
+        ce_BL = ce_BL.view_as(full_target_BL)
+        hit_BL = (logits_BLV.detach().argmax(-1) == full_target_BL).float()
         tail = idx_Bl[-1].shape[1]  # tokens of the finest scale (official VAR's "Lt" / "Acct")
         metrics = {
             "accuracy": hit_BL.mean(),
             "loss_tail": ce_BL.detach()[:, -tail:].mean(),
             "accuracy_tail": hit_BL[:, -tail:].mean(),
         }
-        return ce_BL.mean(), metrics
+        if not num_coarse:
+            return ce_BL.mean(), metrics
+        coarse_target_Bl = target_BL[num_full:, :coarse_L]
+        coarse_ce_Bl = F.cross_entropy(coarse_logits_BlV.flatten(0, 1).float(), coarse_target_Bl.flatten(),
+                                       reduction="none")
+        metrics["loss_coarse"] = coarse_ce_Bl.detach().mean()
+        return (ce_BL.sum() + coarse_ce_Bl.sum()) / (ce_BL.numel() + coarse_ce_Bl.numel()), metrics
 
     @torch.no_grad()
     def sample_grid(self, model: nn.Module, step: int):
