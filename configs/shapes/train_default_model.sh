@@ -16,6 +16,8 @@
 #   PRECISION              fp32, bf16 or fp16 (mixed precision needs CUDA; CPU falls back to fp32)
 #   LR_SCALE               multiplies every learning rate (e.g. 0.5 for half the batch)
 #   MAX_SECONDS            stop each VAR stage after this many seconds of training (0: train all steps)
+#   WORD_MIXING            task.text_word_mixing of both VAR stages (e.g. 3; the shipped model has none, see
+#                          configs/shapes/README.md: its text encoder never learned word order)
 set -euo pipefail
 
 OUT=${1:?usage: bash configs/shapes/train_default_model.sh OUT_DIR}
@@ -38,12 +40,14 @@ VAR_SETS=$(overrides "$HERE/default_model_var.yaml")
 [[ -n ${TOK_STEPS:-} ]] && TOK_SETS="$TOK_SETS train.steps=$TOK_STEPS"
 [[ -n ${VAR_STEPS:-} ]] && VAR_SETS="$VAR_SETS train.steps=$VAR_STEPS"
 VAR_SETS="$VAR_SETS train.max_seconds=${MAX_SECONDS:-0}"
+[[ -n ${WORD_MIXING:-} ]] && VAR_SETS="$VAR_SETS task.text_word_mixing=$WORD_MIXING"
 # Stage 2: from stage 1's export, peak rate 3e-4 after 100 warmup steps, 2500 steps, 14 data-loading processes.
 FT_LR=$(python -c "print(3.0e-4 * ${LR_SCALE:-1})")
 FT_SETS="train.lr=$FT_LR train.warmup_steps=100 train.steps=${FT_STEPS:-2500} train.ckpt_every=0"
 FT_SETS="$FT_SETS train.keep_checkpoints=3 train.num_workers=${WORKERS:-14} train.max_seconds=${MAX_SECONDS:-0}"
 [[ -n ${BATCH:-} ]] && FT_SETS="$FT_SETS train.batch_size=$BATCH"
 [[ -n ${PRECISION:-} ]] && FT_SETS="$FT_SETS train.precision=$PRECISION"
+[[ -n ${WORD_MIXING:-} ]] && FT_SETS="$FT_SETS task.text_word_mixing=$WORD_MIXING"
 
 echo "== tokenizer (${TOK_SETS:-config as is})"
 # shellcheck disable=SC2086  # the override list is word-split on purpose
