@@ -206,6 +206,8 @@ def check_settings(out: Path, settings: dict) -> None:
     path = out / SETTINGS_FILE
     if path.is_file():
         old = json.loads(path.read_text())
+        if "guidance_profile" in settings:  # folders from before profiles existed were sampled with VAR's ramp
+            old.setdefault("guidance_profile", "ramp")
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
             raise UserError(f"{out} holds samples made with other settings ({', '.join(diff)} differ); "

@@ -12,12 +12,16 @@ lets the loop skip the unconditional pass altogether. The same object works on l
   and ``1 + guidance_scale`` at the last. ``guidance_scale`` here is exactly official VAR's ``cfg`` (1.5 in its
   README), and ``guidance_scale = 0`` turns guidance off.
 - :class:`ConstantCFG` is the diffusers convention: ``w_k = guidance_scale`` at every step, ``1`` turns it off.
+- :class:`ProfileCFG` gives each step its own share of the strength: ``t_k = guidance_scale * profile[k]``. VAR's
+  ramp is the profile ``k / (K - 1)``; a trained model may store another one (e.g. most guidance on the coarse
+  scales, where a next-scale model places objects and gives them colours) as its pipeline's default.
 - :class:`IntervalCFG` wraps a schedule and switches guidance off outside a step interval (LlamaGen's
   ``cfg_interval``, FlowAR's t-interval).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -48,6 +52,29 @@ class ConstantCFG:
 
 
 @dataclass(frozen=True)
+class ProfileCFG:
+    """``w_k = 1 + guidance_scale * profile[k]``: one entry per step, ``guidance_scale`` scales them all.
+
+    With ``profile = (0, 1/(K-1), ..., 1)`` it is :class:`LinearRampCFG`; an entry of 0 switches guidance off at that
+    step. ``num_steps`` must equal ``len(profile)``."""
+
+    profile: tuple[float, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "profile", tuple(float(p) for p in self.profile))
+        if not self.profile or any(p < 0 for p in self.profile):
+            raise ValueError(f"a guidance profile needs one entry >= 0 per step, got {list(self.profile)}")
+
+    def weight(self, guidance_scale: float, step: int, num_steps: int) -> float:
+        if num_steps != len(self.profile):
+            raise ValueError(
+                f"the guidance profile has {len(self.profile)} entries but this model generates in {num_steps} "
+                "steps; give one entry per step (scale)"
+            )
+        return 1.0 + guidance_scale * self.profile[step]
+
+
+@dataclass(frozen=True)
 class IntervalCFG:
     """Apply ``inner`` only for ``start <= step / (num_steps - 1) <= end``; elsewhere ``w = 1``."""
 
@@ -60,6 +87,35 @@ class IntervalCFG:
         if self.start <= ratio <= self.end:
             return self.inner.weight(guidance_scale, step, num_steps)
         return 1.0
+
+
+#: The profile name for VAR's linear ramp (:class:`LinearRampCFG`), as pipelines save and the CLI takes it.
+RAMP = "ramp"
+
+
+def schedule_from_profile(profile: str | Sequence[float]) -> GuidanceSchedule:
+    """:data:`RAMP` -> :class:`LinearRampCFG`; a list of per-step shares -> :class:`ProfileCFG`."""
+    if isinstance(profile, str):
+        if profile != RAMP:
+            raise ValueError(f"unknown guidance profile {profile!r}: use {RAMP!r} or one number per step")
+        return LinearRampCFG()
+    return ProfileCFG(tuple(profile))
+
+
+def parse_guidance_profile(text: str) -> str | list[float]:
+    """A command-line profile: ``ramp`` or comma-separated shares, e.g. ``0.5,0.75,1,1,1,0.75,0.75``."""
+    text = text.strip()
+    if text == RAMP:
+        return RAMP
+    try:
+        shares = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"guidance profile {text!r} is neither {RAMP!r} nor comma-separated numbers (e.g. 0.5,0.75,1,1,1,0.75,0.75)"
+        ) from None
+    if any(share < 0 for share in shares):
+        raise ValueError(f"guidance profile {text!r} has a negative share; every share must be >= 0")
+    return shares
 
 
 def guidance_is_off(schedule: GuidanceSchedule, guidance_scale: float, num_steps: int) -> bool:

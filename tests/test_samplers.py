@@ -6,7 +6,17 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from vgen.samplers.guidance import ConstantCFG, IntervalCFG, LinearRampCFG, apply_cfg, combine_cfg, guidance_is_off
+from vgen.samplers.guidance import (
+    ConstantCFG,
+    IntervalCFG,
+    LinearRampCFG,
+    ProfileCFG,
+    apply_cfg,
+    combine_cfg,
+    guidance_is_off,
+    parse_guidance_profile,
+    schedule_from_profile,
+)
 from vgen.samplers.interfaces import NextScaleModel, ResidualQuantizer, StepKVCache
 from vgen.samplers.logits import (
     filter_top_k_top_p,
@@ -153,6 +163,31 @@ def test_constant_and_interval_schedules():
     assert [s.weight(3.0, k, 5) for k in range(5)] == [1.0, 1.0, 3.0, 3.0, 3.0]
     c, u = torch.tensor([2.0]), torch.tensor([1.0])
     assert combine_cfg(c, u, 3.0).item() == 4.0  # u + 3 (c - u)
+
+
+def test_profile_schedule_shares_the_scale_per_step():
+    ramp = ProfileCFG(tuple(k / 6 for k in range(7)))
+    assert all(math.isclose(ramp.weight(1.5, k, 7), LinearRampCFG().weight(1.5, k, 7)) for k in range(7))
+    coarse = ProfileCFG((0.5, 0.75, 1, 1, 1, 0.75, 0.75))
+    assert [coarse.weight(2.0, k, 7) for k in range(7)] == [2.0, 2.5, 3.0, 3.0, 3.0, 2.5, 2.5]
+    assert guidance_is_off(ProfileCFG((0.0, 0.0)), 3.0, 2) and guidance_is_off(coarse, 0.0, 7)
+    with pytest.raises(ValueError, match="has 7 entries but this model generates in 10 steps"):
+        coarse.weight(2.0, 0, 10)
+    with pytest.raises(ValueError, match="one entry >= 0 per step"):
+        ProfileCFG((1.0, -0.5))
+    assert isinstance(schedule_from_profile("ramp"), LinearRampCFG)
+    assert schedule_from_profile([0.5, 1]).weight(2.0, 0, 2) == 2.0
+    with pytest.raises(ValueError, match="unknown guidance profile 'linear'"):
+        schedule_from_profile("linear")
+
+
+def test_parse_guidance_profile():
+    assert parse_guidance_profile(" ramp ") == "ramp"
+    assert parse_guidance_profile("0.5,0.75,1") == [0.5, 0.75, 1.0]
+    with pytest.raises(ValueError, match="neither 'ramp' nor comma-separated numbers"):
+        parse_guidance_profile("0.5;1")
+    with pytest.raises(ValueError, match="negative share"):
+        parse_guidance_profile("1,-1")
 
 
 # ------------------------------------------------------------------------------------------------ mock loop

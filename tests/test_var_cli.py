@@ -152,7 +152,8 @@ def test_saved_sampling_defaults_drive_calls_and_cli(tmp_path):
     pipe.save_pretrained(str(tmp_path / "m"))
     loaded = VARPipeline.from_pretrained(str(tmp_path / "m"))
     loaded.set_progress_bar_config(disable=True)
-    assert loaded.sampling_defaults() == {"guidance_scale": 3.0, "top_k": 7, "top_p": 0.0, "temperature": 0.5}
+    assert loaded.sampling_defaults() == {"guidance_scale": 3.0, "top_k": 7, "top_p": 0.0, "temperature": 0.5,
+                                          "guidance_profile": "ramp"}
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(3)]
     implicit = loaded(class_labels=[1, 2, 3], generator=gens(), output_type="pt").images
     explicit = loaded(class_labels=[1, 2, 3], guidance_scale=3.0, top_k=7, top_p=0.0, temperature=0.5,
@@ -172,4 +173,41 @@ def test_saved_sampling_defaults_drive_calls_and_cli(tmp_path):
         index.pop(key)
     (tmp_path / "m" / "model_index.json").write_text(json.dumps(index))
     old = VARPipeline.from_pretrained(str(tmp_path / "m"))
-    assert old.sampling_defaults() == {"guidance_scale": 1.5, "top_k": 900, "top_p": 0.96, "temperature": 1.0}
+    assert old.sampling_defaults() == {"guidance_scale": 1.5, "top_k": 900, "top_p": 0.96, "temperature": 1.0,
+                                       "guidance_profile": "ramp"}
+
+
+def test_saved_guidance_profile_drives_calls_and_cli(tmp_path):
+    torch.manual_seed(0)
+    var = VAR(vocab_size=512, Cvae=32, depth=1, embed_dim=64, num_heads=1, num_classes=10)
+    num_scales = len(var.config.patch_nums)
+    profile = [1.0] * 3 + [0.0] * (num_scales - 3)  # guidance on the first three scales only
+    pipe = VARPipeline(vqvae=tiny_vqvae(), transformer=var, default_guidance_scale=4.0, default_top_k=0,
+                       default_top_p=0.0, default_guidance_profile=profile)
+    pipe.save_pretrained(str(tmp_path / "m"))
+    assert json.loads((tmp_path / "m" / "model_index.json").read_text())["default_guidance_profile"] == profile
+    loaded = VARPipeline.from_pretrained(str(tmp_path / "m"))
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.sampling_defaults()["guidance_profile"] == profile
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(2)]
+    implicit = loaded(class_labels=[1, 2], generator=gens(), output_type="pt").images
+    explicit = loaded(class_labels=[1, 2], guidance_profile=profile, generator=gens(), output_type="pt").images
+    ramp = loaded(class_labels=[1, 2], guidance_profile="ramp", generator=gens(), output_type="pt").images
+    assert torch.equal(implicit, explicit) and not torch.equal(implicit, ramp)
+    # the CLI takes a profile and records the one it used
+    assert main(["generate", "--model", str(tmp_path / "m"), "--class-label", "1", "--n", "1",
+                 "--out", str(tmp_path / "g.png")]) == 0
+    assert json.loads((tmp_path / "g.json").read_text())["guidance_profile"] == profile
+    assert main(["generate", "--model", str(tmp_path / "m"), "--class-label", "1", "--n", "1",
+                 "--guidance-profile", "ramp", "--out", str(tmp_path / "r.png")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["guidance_profile"] == "ramp"
+    # a profile that does not fit the model's scales is one clear error, at construction and at call time
+    with pytest.raises(UserError, match=f"give {num_scales} shares >= 0, one per scale"):
+        loaded(class_labels=[1], guidance_profile=[1.0, 1.0])
+    with pytest.raises(UserError, match=f"give {num_scales} shares >= 0"):
+        VARPipeline(vqvae=tiny_vqvae(), transformer=var, default_guidance_profile=[1.0])
+    assert main(["generate", "--model", str(tmp_path / "m"), "--class-label", "1", "--n", "1",
+                 "--guidance-profile", "1,1", "--out", str(tmp_path / "bad.png")]) == 2
+    assert not (tmp_path / "bad.png").exists()
+    with pytest.raises(SystemExit):  # argparse: not numbers
+        main(["generate", "--model", str(tmp_path / "m"), "--class-label", "1", "--guidance-profile", "high"])

@@ -212,6 +212,17 @@ def _ship_script():
     return module
 
 
+def test_sample_guidance_profile_is_checked_early_and_exported(tokenizer_dir, tmp_path):
+    with pytest.raises(UserError, match="sample_guidance_profile must be 'ramp' or 4 shares >= 0"):
+        VARTask(tiny_cfg(tokenizer_dir, sample_guidance_profile=(1.0, 1.0)))
+    with pytest.raises(UserError, match="sample_guidance_profile must be 'ramp'"):
+        VARTask(tiny_cfg(tokenizer_dir, sample_guidance_profile="linear"))
+    task = VARTask(tiny_cfg(tokenizer_dir, sample_guidance_profile=(0.0, 1.0, 1.0, 0.5)))
+    task.export(task.build_model(), tmp_path / "final")
+    pipe = VARPipeline.from_pretrained(str(tmp_path / "final"))
+    assert pipe.sampling_defaults()["guidance_profile"] == [0.0, 1.0, 1.0, 0.5]
+
+
 def test_ship_script_writes_fp16_weights_with_sampling_defaults_and_refuses_over_budget(tokenizer_dir, tmp_path,
                                                                                           monkeypatch, capsys):
     cfg = TrainConfig(steps=2, batch_size=4, lr=3e-3, log_every=1, ckpt_every=0, out_dir=str(tmp_path / "run"))
@@ -219,9 +230,10 @@ def test_ship_script_writes_fp16_weights_with_sampling_defaults_and_refuses_over
     ship = _ship_script()
     out = tmp_path / "shipped"
     assert ship.main([str(tmp_path / "run" / "final"), "--out", str(out), "--guidance-scale", "2.5",
-                      "--top-k", "7"]) == 0
+                      "--top-k", "7", "--guidance-profile", "0.5,1,1,0.5"]) == 0
     index = json.loads((out / "model_index.json").read_text())
     assert index["default_guidance_scale"] == 2.5 and index["default_top_k"] == 7
+    assert index["default_guidance_profile"] == [0.5, 1.0, 1.0, 0.5]  # the tiny tokenizer has 4 scales
     assert str(tmp_path) not in json.dumps(index)  # no local path of the training run
     saved = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert {v.dtype for v in saved.values() if v.is_floating_point()} == {torch.float16}

@@ -17,6 +17,8 @@ from vgen.errors import UserError
 
 
 def register(subparsers) -> None:
+    from vgen.cli.sample import add_guidance_profile_arg
+
     parser = subparsers.add_parser(
         "generate",
         help="generate images from a saved pipeline (PNG grid with captions and/or single PNGs)",
@@ -35,6 +37,7 @@ def register(subparsers) -> None:
     parser.add_argument("--top-k", type=int, default=None, help="top-k filtering, 0 = off (default: the model's)")
     parser.add_argument("--top-p", type=float, default=None, help="top-p filtering, 0 = off (default: the model's)")
     parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the model's)")
+    add_guidance_profile_arg(parser)
     parser.add_argument("--more-smooth", action="store_true", help="VAR's Gumbel-smoothed embeddings (visuals only)")
     parser.add_argument("--out", default=None, help="grid PNG path (default grid.png unless --out-dir is given)")
     parser.add_argument("--out-dir", default=None, help="also write each image as DIR/NNNN.png")
@@ -59,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     conditions = args.prompt or args.class_label
     total = len(conditions) * args.n
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(total)]
-    sampling = pipe.resolve_sampling(args.guidance_scale, args.top_k, args.top_p, args.temperature)
+    sampling = pipe.resolve_sampling(args.guidance_scale, args.top_k, args.top_p, args.temperature,
+                                     args.guidance_profile)
     output = pipe(
         prompt=list(args.prompt) if args.prompt else None,
         class_labels=args.class_label,

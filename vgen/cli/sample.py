@@ -25,18 +25,42 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None, help="top-k sampling, 0 = off (default: the model's)")
     parser.add_argument("--top-p", type=float, default=None,
                         help="top-p (nucleus) sampling, 0 = off (default: the model's)")
+    add_guidance_profile_arg(parser)
+
+
+def add_guidance_profile_arg(parser: argparse.ArgumentParser) -> None:
+    """``--guidance-profile``: how the CFG strength is shared over the scales (also used by ``vgen generate``)."""
+    parser.add_argument(
+        "--guidance-profile", type=_guidance_profile, default=None, metavar="ramp|S1,S2,...",
+        help="CFG weight at scale k is 1 + guidance-scale x S_k: 'ramp' (VAR's, S_k = k/(K-1)) or one share per "
+        "scale, e.g. 0.5,0.75,1,1,1,0.75,0.75 (default: the model's saved profile)",
+    )
+
+
+def _guidance_profile(text: str):
+    from vgen.samplers.guidance import parse_guidance_profile
+
+    try:
+        return parse_guidance_profile(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def sampling_kwargs(args: argparse.Namespace, pipe) -> dict:
     """The sampling flags; a flag left out takes the pipeline's own saved setting (``pipe.resolve_sampling``)."""
-    resolved = pipe.resolve_sampling(args.guidance_scale, args.top_k, args.top_p)
-    return {k: resolved[k] for k in ("guidance_scale", "top_k", "top_p")}
+    resolved = pipe.resolve_sampling(args.guidance_scale, args.top_k, args.top_p,
+                                     guidance_profile=args.guidance_profile)
+    return {k: resolved[k] for k in ("guidance_scale", "top_k", "top_p", "guidance_profile")}
 
 
 def default_out_dir(model_dir: Path, args: argparse.Namespace, sampling: dict) -> Path:
-    """A folder name that records every sampling knob, e.g. ``samples/shapes-var-seed0-cfg1.5-topk0-topp1.0-n100``."""
+    """A folder name that records every sampling knob, e.g. ``samples/shapes-var-seed0-cfg1.5-topk0-topp1.0-n100``
+    (``-profile0.5_1_1`` added when the CFG profile is not VAR's ramp)."""
     cfg, top_k, top_p = sampling["guidance_scale"], sampling["top_k"], sampling["top_p"]
     knobs = f"seed{args.seed}-cfg{cfg}-topk{top_k}-topp{top_p}-n{args.n}"
+    profile = sampling.get("guidance_profile", "ramp")
+    if not isinstance(profile, str):
+        knobs += "-profile" + "_".join(f"{share:g}" for share in profile)
     return Path("samples") / f"{model_dir.name}-{knobs}"
 
 

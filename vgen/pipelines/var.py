@@ -24,7 +24,7 @@ import vgen.models.text_encoder  # noqa: F401
 import vgen.tokenizers.msvq  # noqa: F401
 from vgen.errors import UserError
 from vgen.models.var import VAR, VARCondition
-from vgen.samplers.guidance import GuidanceSchedule, LinearRampCFG
+from vgen.samplers.guidance import RAMP, GuidanceSchedule, schedule_from_profile
 from vgen.samplers.next_scale import TokenSampling, generate_next_scale
 
 
@@ -60,6 +60,7 @@ class VARPipeline(DiffusionPipeline):
     def __init__(
         self, vqvae, transformer: VAR, text_encoder=None, default_guidance_scale: float = 1.5,
         default_top_k: int = 900, default_top_p: float = 0.96, default_temperature: float = 1.0,
+        default_guidance_profile: str | Sequence[float] = RAMP,
     ):
         super().__init__()
         self.register_modules(vqvae=vqvae, transformer=transformer, text_encoder=text_encoder)
@@ -68,20 +69,41 @@ class VARPipeline(DiffusionPipeline):
         self.register_to_config(
             default_guidance_scale=float(default_guidance_scale), default_top_k=int(default_top_k),
             default_top_p=float(default_top_p), default_temperature=float(default_temperature),
+            default_guidance_profile=self.check_guidance_profile(default_guidance_profile),
         )
 
+    def check_guidance_profile(self, profile: str | Sequence[float]) -> str | list[float]:
+        """``profile`` as saved (``"ramp"`` or one float per scale), or a :class:`UserError` saying what is wrong."""
+        if isinstance(profile, str):
+            if profile != RAMP:
+                raise UserError(f"unknown guidance profile {profile!r}: use {RAMP!r} or one number per scale")
+            return RAMP
+        shares = [float(share) for share in profile]
+        num_scales = len(self.transformer.config.patch_nums)
+        if len(shares) != num_scales or any(share < 0 for share in shares):
+            raise UserError(
+                f"guidance profile {shares} does not fit this model: give {num_scales} shares >= 0, one per scale "
+                f"(patch_nums {list(self.transformer.config.patch_nums)}), or {RAMP!r} for VAR's ramp"
+            )
+        return shares
+
     def sampling_defaults(self) -> dict:
-        """Keys ``guidance_scale, top_k, top_p, temperature``: what a call uses for knobs it leaves at None."""
-        return {name: self.config[f"default_{name}"] for name in ("guidance_scale", "top_k", "top_p", "temperature")}
+        """Keys ``guidance_scale, top_k, top_p, temperature, guidance_profile``: what a call uses for knobs it leaves
+        at None."""
+        names = ("guidance_scale", "top_k", "top_p", "temperature", "guidance_profile")
+        return {name: self.config.get(f"default_{name}", RAMP) for name in names}
 
     def resolve_sampling(
         self, guidance_scale: float | None = None, top_k: int | None = None, top_p: float | None = None,
-        temperature: float | None = None,
+        temperature: float | None = None, guidance_profile: str | Sequence[float] | None = None,
     ) -> dict:
         """The sampling settings a call uses: the given ones, the model's saved ones for those left at None."""
-        given = {"guidance_scale": guidance_scale, "top_k": top_k, "top_p": top_p, "temperature": temperature}
+        given = {"guidance_scale": guidance_scale, "top_k": top_k, "top_p": top_p, "temperature": temperature,
+                 "guidance_profile": guidance_profile}
         defaults = self.sampling_defaults()
-        return {name: defaults[name] if value is None else value for name, value in given.items()}
+        resolved = {name: defaults[name] if value is None else value for name, value in given.items()}
+        resolved["guidance_profile"] = self.check_guidance_profile(resolved["guidance_profile"])
+        return resolved
 
     # -- conditions ----------------------------------------------------------------------------------------------
 
@@ -145,6 +167,7 @@ class VARPipeline(DiffusionPipeline):
         top_p: float | None = None,
         temperature: float | None = None,
         more_smooth: bool = False,
+        guidance_profile: str | Sequence[float] | None = None,
         guidance_schedule: GuidanceSchedule | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
@@ -156,20 +179,23 @@ class VARPipeline(DiffusionPipeline):
             prompt: text prompt(s) for text-conditional models.
             class_labels: class id(s) for class-conditional models (ImageNet ids for official checkpoints).
             num_images_per_prompt: images per prompt / label.
-            guidance_scale: CFG strength; with the default VAR ramp (:class:`LinearRampCFG`) it is official VAR's
-                ``cfg`` (weight ``1 + guidance_scale * si / (K - 1)`` at scale si; 0 = no guidance).
+            guidance_scale: CFG strength; with VAR's ramp (:class:`LinearRampCFG`, profile ``"ramp"``) it is official
+                VAR's ``cfg`` (weight ``1 + guidance_scale * si / (K - 1)`` at scale si; 0 = no guidance).
             top_k, top_p, temperature: token filtering and sampling (0 disables top-k / top-p; top_k=1 is greedy).
                 Every sampling knob left at None takes the model's saved setting (:meth:`sampling_defaults`).
             more_smooth: VAR's Gumbel-smoothed embeddings (visualisation only, not for FID).
-            guidance_schedule: another CFG schedule, e.g. :class:`vgen.samplers.guidance.ConstantCFG`.
+            guidance_profile: how the strength is shared over the K scales: ``"ramp"`` (VAR's) or K shares, weight
+                ``1 + guidance_scale * profile[si]`` at scale si (:class:`vgen.samplers.guidance.ProfileCFG`).
+            guidance_schedule: any other CFG schedule, e.g. :class:`vgen.samplers.guidance.ConstantCFG` (replaces
+                ``guidance_profile``).
             generator: one ``torch.Generator`` per image (images independent of batch size) or a single one.
             output_type: ``"pil"``, ``"np"`` (B, H, W, 3) floats in [0, 1] or ``"pt"`` (B, 3, H, W) in [0, 1].
             return_dict: return :class:`ImagePipelineOutput` (else a tuple ``(images,)``).
         """
         if output_type not in ("pil", "np", "pt"):
             raise UserError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
-        sampling = self.resolve_sampling(guidance_scale, top_k, top_p, temperature)
-        guidance_scale, top_k, top_p, temperature = sampling.values()
+        sampling = self.resolve_sampling(guidance_scale, top_k, top_p, temperature, guidance_profile)
+        guidance_scale, top_k, top_p, temperature, guidance_profile = sampling.values()
         if temperature <= 0:
             raise UserError(f"temperature must be > 0, got {temperature} (use top_k=1 for greedy sampling)")
         if top_k < 0 or not 0 <= top_p <= 1:
@@ -183,7 +209,7 @@ class VARPipeline(DiffusionPipeline):
             cond,
             batch_size,
             guidance_scale=guidance_scale,
-            guidance_schedule=guidance_schedule or LinearRampCFG(),
+            guidance_schedule=guidance_schedule or schedule_from_profile(guidance_profile),
             sampling=TokenSampling(top_k=top_k, top_p=top_p, temperature=temperature, more_smooth=more_smooth),
             generators=generators,
             progress=self.progress_bar,

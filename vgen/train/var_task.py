@@ -96,6 +96,8 @@ class VARTaskConfig:
     sample_top_k: int = 0
     sample_top_p: float = 0.0
     sample_temperature: float = 1.0
+    #: how the CFG strength is shared over the scales: "ramp" (VAR's) or one share per scale (ProfileCFG)
+    sample_guidance_profile: str | tuple[float, ...] = "ramp"
 
 
 class VARTrainModule(nn.Module):
@@ -154,6 +156,7 @@ class VARTask(TrainTask):
             raise UserError(f"task.world must be one of {', '.join(WORLDS)}, got {cfg.world!r}")
         self.vqvae = self._load_tokenizer()
         self._check_coarse_rows()
+        self._check_guidance_profile()
         self._dataset = None
 
     # -- pieces ----------------------------------------------------------------------------------------------
@@ -174,6 +177,16 @@ class VARTask(TrainTask):
                 "images; set task.resolution to match"
             )
         return vqvae
+
+    def _check_guidance_profile(self) -> None:
+        profile, num_scales = self.cfg.sample_guidance_profile, len(self.vqvae.patch_nums)
+        if isinstance(profile, str) and profile == "ramp":
+            return
+        if isinstance(profile, str) or len(profile) != num_scales or any(float(s) < 0 for s in profile):
+            raise UserError(
+                f"task.sample_guidance_profile must be 'ramp' or {num_scales} shares >= 0 (one per scale of this "
+                f"tokenizer), got {profile!r}"
+            )
 
     def _check_coarse_rows(self) -> None:
         cfg, num_scales = self.cfg, len(self.vqvae.patch_nums)
@@ -368,7 +381,8 @@ class VARTask(TrainTask):
             conditions, kwargs = [f"class {lab}" for lab in labels], {"class_labels": labels}
         generators = [torch.Generator().manual_seed(i) for i in range(len(conditions))]
         images = pipe(**kwargs, guidance_scale=cfg.sample_guidance_scale, top_k=cfg.sample_top_k,
-                      top_p=cfg.sample_top_p, temperature=cfg.sample_temperature, generator=generators,
+                      top_p=cfg.sample_top_p, temperature=cfg.sample_temperature,
+                      guidance_profile=cfg.sample_guidance_profile, generator=generators,
                       output_type="pt").images
         return make_grid(tensor_to_pil(images, value_range=(0.0, 1.0)), [f"{c} (step {step})" for c in conditions])
 
@@ -382,6 +396,7 @@ class VARTask(TrainTask):
             vqvae=self.vqvae.cpu(), transformer=inner.transformer, text_encoder=inner.text_encoder,
             default_guidance_scale=cfg.sample_guidance_scale, default_top_k=cfg.sample_top_k,
             default_top_p=cfg.sample_top_p, default_temperature=cfg.sample_temperature,
+            default_guidance_profile=cfg.sample_guidance_profile,
         )
         pipe.save_pretrained(str(out_dir))
 
