@@ -111,7 +111,8 @@ def parse_guidance_profile(text: str) -> str | list[float]:
         shares = [float(part) for part in text.split(",")]
     except ValueError:
         raise ValueError(
-            f"guidance profile {text!r} is neither {RAMP!r} nor comma-separated numbers (e.g. 0.5,0.75,1,1,1,0.75,0.75)"
+            f"guidance profile {text!r} is neither {RAMP!r} nor comma-separated numbers "
+            "(e.g. 0.5,0.75,1,1,1,0.75,0.75)"
         ) from None
     if any(share < 0 for share in shares):
         raise ValueError(f"guidance profile {text!r} has a negative share; every share must be >= 0")

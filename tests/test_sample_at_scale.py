@@ -129,8 +129,8 @@ def test_images_do_not_depend_on_batch_size_and_resume_skips(class_model, tmp_pa
     with pytest.raises(UserError, match="top_k differ"):
         run_sampling(pipe, tmp_path / "c", jobs_c, ctx, 1, SAMPLING, settings={**settings, "top_k": 5})
     # a folder sampled before guidance profiles were recorded was made with VAR's ramp: it resumes with the ramp only
-    report = run_sampling(pipe, tmp_path / "c", jobs_c, ctx, 1, SAMPLING, settings={**settings, "guidance_profile": "ramp"},
-                          progress=False)  # fmt: skip
+    ramp = {**settings, "guidance_profile": "ramp"}
+    report = run_sampling(pipe, tmp_path / "c", jobs_c, ctx, 1, SAMPLING, settings=ramp, progress=False)
     assert report.skipped == 1
     (tmp_path / "c" / "sample_config.json").write_text(json.dumps(settings))
     with pytest.raises(UserError, match="guidance_profile differ"):

@@ -234,7 +234,12 @@ def test_ship_script_writes_fp16_weights_with_sampling_defaults_and_refuses_over
     index = json.loads((out / "model_index.json").read_text())
     assert index["default_guidance_scale"] == 2.5 and index["default_top_k"] == 7
     assert index["default_guidance_profile"] == [0.5, 1.0, 1.0, 0.5]  # the tiny tokenizer has 4 scales
-    assert str(tmp_path) not in json.dumps(index)  # no local path of the training run
+    capsys.readouterr()
+    assert ship.main([str(tmp_path / "run" / "final"), "--out", str(out), "--guidance-profile", "1,1"]) == 2
+    assert "give 4 shares >= 0, one per scale" in capsys.readouterr().err
+    assert json.loads((out / "model_index.json").read_text())["default_guidance_profile"] == [0.5, 1.0, 1.0, 0.5]
+    for path in (out / "model_index.json", *out.glob("*/config.json")):  # no local path of the training run
+        assert str(tmp_path) not in path.read_text() and "run/final" not in path.read_text()
     saved = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert {v.dtype for v in saved.values() if v.is_floating_point()} == {torch.float16}
     trained = VARPipeline.from_pretrained(str(tmp_path / "run" / "final")).transformer.state_dict()
@@ -252,8 +257,8 @@ def test_ship_script_writes_fp16_weights_with_sampling_defaults_and_refuses_over
 def test_default_model_script_trains_and_exports_a_pipeline(tmp_path):
     # configs/shapes/train_default_model.sh is the one command that retrains the shipped model; run it for 2 steps
     # of each stage.
-    env = {**os.environ, "TOK_STEPS": "2", "VAR_STEPS": "2", "FT_STEPS": "2", "BATCH": "2", "WORKERS": "0",
-           "LR_SCALE": "0.5", "WORD_MIXING": "3", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "TOK_STEPS": "2", "VAR_STEPS": "2", "FT_STEPS": "2", "BIND_STEPS": "2", "FINAL_STEPS": "2",
+           "BATCH": "4", "WORKERS": "0", "LR_SCALE": "0.5", "WORD_MIXING": "3", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(["bash", str(REPO_ROOT / "configs" / "shapes" / "train_default_model.sh"), str(tmp_path)],
                           capture_output=True, text=True, timeout=600, env=env, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -262,8 +267,13 @@ def test_default_model_script_trains_and_exports_a_pipeline(tmp_path):
     stage2_config = (tmp_path / "var_ft" / "config.yaml").read_text()
     assert f"tokenizer: {tmp_path / 'tokenizer' / 'final'}" in stage2_config
     assert f"init_from: {tmp_path / 'var' / 'final'}" in stage2_config
-    pipe = VARPipeline.from_pretrained(str(tmp_path / "var_ft" / "final"))
-    assert pipe.text_encoder.config.word_mixing == 3 and "text_word_mixing: 3" in stage2_config
+    assert "text_word_mixing: 3" in stage2_config
+    for stage, start in (("var_binding", "var_ft"), ("var_final", "var_binding")):
+        config = (tmp_path / stage / "config.yaml").read_text()
+        assert f"init_from: {tmp_path / start / 'final'}" in config and "lr: 0.00015" in config
+    pipe = VARPipeline.from_pretrained(str(tmp_path / "var_final" / "final"))
+    assert pipe.text_encoder.config.word_mixing == 3
+    assert pipe.sampling_defaults()["guidance_profile"] == [0.5, 0.75, 1.0, 1.0, 1.0, 0.75, 0.75]
     pipe.set_progress_bar_config(disable=True)
     image = pipe(prompt="a photo of a red circle", generator=[torch.Generator().manual_seed(0)]).images[0]
     assert image.size == (64, 64)

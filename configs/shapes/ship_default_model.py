@@ -16,6 +16,7 @@ from pathlib import Path
 
 from vgen.samplers.guidance import parse_guidance_profile
 
+from vgen.errors import UserError
 from vgen.pipelines import DEFAULT_MODEL_BUDGET_BYTES, DEFAULT_MODEL_DIR, load_pipeline
 
 
@@ -35,10 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     defaults = {"guidance_scale": args.guidance_scale, "temperature": args.temperature, "top_k": args.top_k,
                 "top_p": args.top_p}
     if args.guidance_profile is not None:
-        defaults["guidance_profile"] = pipe.check_guidance_profile(args.guidance_profile)
+        try:
+            defaults["guidance_profile"] = pipe.check_guidance_profile(args.guidance_profile)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     pipe.register_to_config(**{f"default_{k}": v for k, v in defaults.items() if v is not None})
     pipe.register_to_config(_name_or_path="vgen-shapes-default")  # not the training run's local path
-    for component in (pipe.vqvae, pipe.transformer, pipe.text_encoder):
+    for name in ("vqvae", "transformer", "text_encoder"):
+        component = getattr(pipe, name)
+        component.register_to_config(_name_or_path=f"vgen-shapes-default/{name}")
         component.half()
     out = Path(args.out)
     staging = out.with_name(out.name + ".tmp")

@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
-# Train the default Shapes text-to-image model in one go: tokenizer, text VAR, a fine-tuning stage, the pipeline.
+# Train the default Shapes text-to-image model in one go: tokenizer, text VAR in four stages, the pipeline.
 #
 #   bash configs/shapes/train_default_model.sh OUT_DIR
 #
-# Writes OUT_DIR/tokenizer/, OUT_DIR/var/ (stage 1) and OUT_DIR/var_ft/ (stage 2: a fresh optimiser and a shorter
-# schedule starting from stage 1's export), each a run folder with logs and checkpoints. OUT_DIR/var_ft/final/ is
-# the pipeline folder `vgen generate --model` loads; configs/shapes/ship_default_model.py copies it into the package.
-# The recipe is configs/shapes/default_model_{tokenizer,var}.yaml plus the stage-2 settings below; these
-# environment variables override sizes for the machine at hand (defaults: the recipe as configs/shapes/README.md
-# records it, without the shipped run's time limits):
+# Writes run folders (logs, checkpoints, final/ export) OUT_DIR/tokenizer/, OUT_DIR/var/ (stage 1), OUT_DIR/var_ft/
+# (stage 2: a fresh optimiser and a shorter schedule from stage 1's export), OUT_DIR/var_binding/ (stage 3: word
+# mixing added to the text encoder, only the text path trained, mostly on the coarse scales) and OUT_DIR/var_final/
+# (stage 4: every weight, captions weighted towards the failing tasks). OUT_DIR/var_final/final/ is the pipeline
+# folder `vgen generate --model` loads; configs/shapes/ship_default_model.py copies it into the package. The recipe
+# is configs/shapes/default_model_{tokenizer,var}.yaml, the stage-2 settings below, var_text_binding_ft.yaml and
+# default_model_var_final.yaml; these environment variables override sizes for the machine at hand (defaults: the
+# recipe as configs/shapes/README.md records it, without the shipped run's time limits):
 #
-#   TOK_STEPS, VAR_STEPS, FT_STEPS   optimiser steps of the tokenizer, stage 1 and stage 2
+#   TOK_STEPS, VAR_STEPS, FT_STEPS, BIND_STEPS, FINAL_STEPS   optimiser steps of the tokenizer and stages 1-4
 #   BATCH                  batch size per process of every run
 #   WORKERS                data-loading processes (rendering a 64 px Shapes image takes 1-4 ms of one core)
 #   PRECISION              fp32, bf16 or fp16 (mixed precision needs CUDA; CPU falls back to fp32)
 #   LR_SCALE               multiplies every learning rate (e.g. 0.5 for half the batch)
 #   MAX_SECONDS            stop each VAR stage after this many seconds of training (0: train all steps)
-#   WORD_MIXING            task.text_word_mixing of both VAR stages (e.g. 3; the shipped model has none, see
-#                          configs/shapes/README.md: its text encoder never learned word order)
+#   WORD_MIXING            task.text_word_mixing of stages 1 and 2 too (e.g. 3; in the shipped model word mixing
+#                          starts at stage 3, see configs/shapes/README.md)
 set -euo pipefail
 
 OUT=${1:?usage: bash configs/shapes/train_default_model.sh OUT_DIR}
@@ -61,5 +63,22 @@ echo "== text VAR, stage 2 ($FT_SETS)"
 # shellcheck disable=SC2086
 $VGEN train var --config "$HERE/default_model_var.yaml" --out "$OUT/var_ft" \
     --set "task.tokenizer=$OUT/tokenizer/final" "task.init_from=$OUT/var/final" $FT_SETS
-echo "== done: pipeline in $OUT/var_ft/final"
-echo "   try: vgen generate --model $OUT/var_ft/final \"a photo of a red circle\" --out out.png"
+# Stages 3 and 4: their own configs; the machine-size overrides apply to them as well.
+LATE_SETS="train.max_seconds=${MAX_SECONDS:-0}"
+[[ -n ${BATCH:-} ]] && LATE_SETS="$LATE_SETS train.batch_size=$BATCH"
+[[ -n ${WORKERS:-} ]] && LATE_SETS="$LATE_SETS train.num_workers=$WORKERS"
+[[ -n ${PRECISION:-} ]] && LATE_SETS="$LATE_SETS train.precision=$PRECISION"
+BIND_SETS="$LATE_SETS train.lr=$(python -c "print(3.0e-4 * ${LR_SCALE:-1})")"
+[[ -n ${BIND_STEPS:-} ]] && BIND_SETS="$BIND_SETS train.steps=$BIND_STEPS"
+FINAL_SETS="$LATE_SETS train.lr=$(python -c "print(3.0e-4 * ${LR_SCALE:-1})")"
+[[ -n ${FINAL_STEPS:-} ]] && FINAL_SETS="$FINAL_SETS train.steps=$FINAL_STEPS"
+echo "== text VAR, stage 3: word order ($BIND_SETS)"
+# shellcheck disable=SC2086
+$VGEN train var --config "$HERE/var_text_binding_ft.yaml" --out "$OUT/var_binding" \
+    --set "task.tokenizer=$OUT/tokenizer/final" "task.init_from=$OUT/var_ft/final" $BIND_SETS
+echo "== text VAR, stage 4: every weight ($FINAL_SETS)"
+# shellcheck disable=SC2086
+$VGEN train var --config "$HERE/default_model_var_final.yaml" --out "$OUT/var_final" \
+    --set "task.tokenizer=$OUT/tokenizer/final" "task.init_from=$OUT/var_binding/final" $FINAL_SETS
+echo "== done: pipeline in $OUT/var_final/final"
+echo "   try: vgen generate --model $OUT/var_final/final \"a photo of a red circle\" --out out.png"
