@@ -102,6 +102,19 @@ def schedule_from_profile(profile: str | Sequence[float]) -> GuidanceSchedule:
     return ProfileCFG(tuple(profile))
 
 
+def check_profile(profile: str | Sequence[float], num_steps: int) -> str | list[float]:
+    """``profile`` as a pipeline saves it: :data:`RAMP`, or ``num_steps`` shares >= 0 as floats; else ValueError."""
+    if isinstance(profile, str) and profile == RAMP:
+        return RAMP
+    shares = [] if isinstance(profile, str) else [float(share) for share in profile]
+    if len(shares) != num_steps or any(share < 0 for share in shares):
+        raise ValueError(
+            f"guidance profile {profile!r} does not fit: give {num_steps} shares >= 0, one per generation step, or "
+            f"{RAMP!r} for VAR's ramp"
+        )
+    return shares
+
+
 def parse_guidance_profile(text: str) -> str | list[float]:
     """A command-line profile: ``ramp`` or comma-separated shares, e.g. ``0.5,0.75,1,1,1,0.75,0.75``."""
     text = text.strip()
@@ -114,8 +127,6 @@ def parse_guidance_profile(text: str) -> str | list[float]:
             f"guidance profile {text!r} is neither {RAMP!r} nor comma-separated numbers "
             "(e.g. 0.5,0.75,1,1,1,0.75,0.75)"
         ) from None
-    if any(share < 0 for share in shares):
-        raise ValueError(f"guidance profile {text!r} has a negative share; every share must be >= 0")
     return shares
 
 

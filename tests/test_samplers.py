@@ -12,6 +12,7 @@ from vgen.samplers.guidance import (
     LinearRampCFG,
     ProfileCFG,
     apply_cfg,
+    check_profile,
     combine_cfg,
     guidance_is_off,
     parse_guidance_profile,
@@ -186,8 +187,14 @@ def test_parse_guidance_profile():
     assert parse_guidance_profile("0.5,0.75,1") == [0.5, 0.75, 1.0]
     with pytest.raises(ValueError, match="neither 'ramp' nor comma-separated numbers"):
         parse_guidance_profile("0.5;1")
-    with pytest.raises(ValueError, match="negative share"):
-        parse_guidance_profile("1,-1")
+
+
+def test_check_profile_accepts_the_ramp_or_one_share_per_step():
+    assert check_profile("ramp", 7) == "ramp"
+    assert check_profile((1, 0.5), 2) == [1.0, 0.5]
+    for bad in ((1.0,), (1.0, -0.5), "linear"):
+        with pytest.raises(ValueError, match="does not fit: give 2 shares >= 0, one per generation step"):
+            check_profile(bad, 2)
 
 
 # ------------------------------------------------------------------------------------------------ mock loop

@@ -202,10 +202,12 @@ def test_saved_guidance_profile_drives_calls_and_cli(tmp_path):
                  "--guidance-profile", "ramp", "--out", str(tmp_path / "r.png")]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["guidance_profile"] == "ramp"
     # a profile that does not fit the model's scales is one clear error, at construction and at call time
-    with pytest.raises(UserError, match=f"give {num_scales} shares >= 0, one per scale"):
+    with pytest.raises(UserError, match=f"give {num_scales} shares >= 0, one per generation step.*{num_scales} scal"):
         loaded(class_labels=[1], guidance_profile=[1.0, 1.0])
     with pytest.raises(UserError, match=f"give {num_scales} shares >= 0"):
         VARPipeline(vqvae=tiny_vqvae(), transformer=var, default_guidance_profile=[1.0])
+    with pytest.raises(UserError, match=f"give {num_scales} shares >= 0"):
+        loaded(class_labels=[1], guidance_profile=[1.0] * (num_scales - 1) + [-1.0])
     assert main(["generate", "--model", str(tmp_path / "m"), "--class-label", "1", "--n", "1",
                  "--guidance-profile", "1,1", "--out", str(tmp_path / "bad.png")]) == 2
     assert not (tmp_path / "bad.png").exists()

@@ -58,7 +58,7 @@ def default_out_dir(model_dir: Path, args: argparse.Namespace, sampling: dict) -
     (``-profile0.5_1_1`` added when the CFG profile is not VAR's ramp)."""
     cfg, top_k, top_p = sampling["guidance_scale"], sampling["top_k"], sampling["top_p"]
     knobs = f"seed{args.seed}-cfg{cfg}-topk{top_k}-topp{top_p}-n{args.n}"
-    profile = sampling.get("guidance_profile", "ramp")
+    profile = sampling["guidance_profile"]
     if not isinstance(profile, str):
         knobs += "-profile" + "_".join(f"{share:g}" for share in profile)
     return Path("samples") / f"{model_dir.name}-{knobs}"

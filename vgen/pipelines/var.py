@@ -24,7 +24,7 @@ import vgen.models.text_encoder  # noqa: F401
 import vgen.tokenizers.msvq  # noqa: F401
 from vgen.errors import UserError
 from vgen.models.var import VAR, VARCondition
-from vgen.samplers.guidance import RAMP, GuidanceSchedule, schedule_from_profile
+from vgen.samplers.guidance import RAMP, GuidanceSchedule, check_profile, schedule_from_profile
 from vgen.samplers.next_scale import TokenSampling, generate_next_scale
 
 
@@ -74,24 +74,17 @@ class VARPipeline(DiffusionPipeline):
 
     def check_guidance_profile(self, profile: str | Sequence[float]) -> str | list[float]:
         """``profile`` as saved (``"ramp"`` or one float per scale), or a :class:`UserError` saying what is wrong."""
-        if isinstance(profile, str):
-            if profile != RAMP:
-                raise UserError(f"unknown guidance profile {profile!r}: use {RAMP!r} or one number per scale")
-            return RAMP
-        shares = [float(share) for share in profile]
-        num_scales = len(self.transformer.config.patch_nums)
-        if len(shares) != num_scales or any(share < 0 for share in shares):
-            raise UserError(
-                f"guidance profile {shares} does not fit this model: give {num_scales} shares >= 0, one per scale "
-                f"(patch_nums {list(self.transformer.config.patch_nums)}), or {RAMP!r} for VAR's ramp"
-            )
-        return shares
+        patch_nums = list(self.transformer.config.patch_nums)
+        try:
+            return check_profile(profile, len(patch_nums))
+        except ValueError as err:
+            raise UserError(f"{err} (this model generates {len(patch_nums)} scales: {patch_nums})") from None
 
     def sampling_defaults(self) -> dict:
         """Keys ``guidance_scale, top_k, top_p, temperature, guidance_profile``: what a call uses for knobs it leaves
         at None."""
         names = ("guidance_scale", "top_k", "top_p", "temperature", "guidance_profile")
-        return {name: self.config.get(f"default_{name}", RAMP) for name in names}
+        return {name: self.config[f"default_{name}"] for name in names}
 
     def resolve_sampling(
         self, guidance_scale: float | None = None, top_k: int | None = None, top_p: float | None = None,

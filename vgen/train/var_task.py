@@ -179,14 +179,12 @@ class VARTask(TrainTask):
         return vqvae
 
     def _check_guidance_profile(self) -> None:
-        profile, num_scales = self.cfg.sample_guidance_profile, len(self.vqvae.patch_nums)
-        if isinstance(profile, str) and profile == "ramp":
-            return
-        if isinstance(profile, str) or len(profile) != num_scales or any(float(s) < 0 for s in profile):
-            raise UserError(
-                f"task.sample_guidance_profile must be 'ramp' or {num_scales} shares >= 0 (one per scale of this "
-                f"tokenizer), got {profile!r}"
-            )
+        from vgen.samplers.guidance import check_profile
+
+        try:
+            check_profile(self.cfg.sample_guidance_profile, len(self.vqvae.patch_nums))
+        except ValueError as err:
+            raise UserError(f"task.sample_guidance_profile: {err}") from None
 
     def _check_coarse_rows(self) -> None:
         cfg, num_scales = self.cfg, len(self.vqvae.patch_nums)
