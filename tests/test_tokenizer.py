@@ -8,7 +8,6 @@ from conftest import LAYOUT_DIR
 from vgen.tokenizers.msvq import (
     PATCH_NUMS_512,
     MultiScaleVQModel,
-    check_state_dict_matches,
     load_official_var_vae,
     phi_index,
 )
@@ -277,18 +276,21 @@ def test_mismatched_checkpoint_lists_missing_and_unexpected_keys():
     with pytest.raises(UserError) as info:
         load_official_var_vae(sd)
     msg = str(info.value)
-    assert "18 missing: " in msg and dropped[0] in msg and "(8 more)" in msg
-    assert "1 unexpected: decoder.extra.weight" in msg
-    assert "1 shape mismatch: encoder.conv_out.bias (7,) vs model (32,)" in msg
+    assert "missing key(s): " in msg and dropped[0] in msg and "(18 in all)" in msg
+    assert "unexpected key(s): decoder.extra.weight" in msg
+    assert "other shape(s), saved vs expected: encoder.conv_out.bias (7,) vs (32,)" in msg
+    assert "\n" not in msg
 
 
-def test_check_state_dict_matches_accepts_own_state_dict():
+def test_check_state_dict_accepts_own_state_dict():
+    from vgen.checkpoints import check_state_dict
+
     model = tiny_model()
-    check_state_dict_matches(model, model.state_dict())
+    check_state_dict(model.state_dict(), model.state_dict(), "tiny VQVAE")
     sd = model.state_dict()
     sd.pop("quant_conv.bias")
-    with pytest.raises(UserError, match="1 missing: quant_conv.bias"):
-        check_state_dict_matches(model, sd)
+    with pytest.raises(UserError, match="tiny VQVAE does not match the model: missing key.s.: quant_conv.bias"):
+        check_state_dict(model.state_dict(), sd, "tiny VQVAE")
 
 
 def test_missing_checkpoint_file_names_the_path(tmp_path):
@@ -296,5 +298,5 @@ def test_missing_checkpoint_file_names_the_path(tmp_path):
     with pytest.raises(UserError, match="not found: .*vae_ch160v4096z32.pth"):
         load_official_var_vae(path)
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="could not read"):
+    with pytest.raises(UserError, match="truncated or not a PyTorch file"):
         load_official_var_vae(path)

@@ -262,7 +262,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_state_dict_mismatch_names_missing_unexpected_and_reshaped_keys():
-    from vgen.models.state_dicts import state_dict_mismatch
+    from vgen.checkpoints import state_dict_mismatch
 
     expected = {"a": torch.zeros(2), "b": torch.zeros(3, 4), "c": torch.zeros(1)}
     assert state_dict_mismatch(expected, {k: v.clone() for k, v in expected.items()}) == ""

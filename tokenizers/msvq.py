@@ -34,6 +34,7 @@ from diffusers.configuration_utils import register_to_config
 from einops import rearrange
 from torch import nn
 
+from vgen.checkpoints import check_state_dict, read_state_dict, unwrap_state_dict
 from vgen.errors import UserError
 
 from .vq_autoencoder_blocks import Decoder, Encoder
@@ -517,7 +518,7 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin):
         ``['trainer']['vae_local']``). The architecture is read from the tensor shapes; ``patch_nums`` defaults to
         the 256 px schedule (pass ``patch_nums=PATCH_NUMS_512`` for 512 px). Keys must match exactly, otherwise
         :class:`UserError` lists the missing and unexpected ones. Tensors are used as they are (no copy)."""
-        state_dict = _unwrap_official(state_dict)
+        state_dict = unwrap_state_dict(state_dict, OFFICIAL_WRAPPER_KEYS, what="VAR VQVAE state dict")
         config = {**infer_official_config(state_dict), **config_overrides}
         with torch.device("meta"):
             model = cls(**config)
@@ -529,7 +530,10 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin):
             # another schedule than the file was trained with gets fresh ones (as the official loader does)
             device = hits.device if hits is not None else state_dict["quantize.embedding.weight"].device
             state_dict["quantize.ema_vocab_hit_SV"] = torch.zeros(expected_hits.shape, device=device)
-        check_state_dict_matches(model, state_dict, what="official VAR VQVAE state dict")
+        check_state_dict(
+            model.state_dict(), state_dict, what=f"official VAR VQVAE state dict (MultiScaleVQModel({_short_config(model)}))",
+            hint="Check that the file is a VAR VQVAE checkpoint and pass the matching config overrides",
+        )
         model.load_state_dict(state_dict, strict=True, assign=True)
         return model.eval()
 
@@ -552,11 +556,8 @@ def _validate_config(ch, ch_mult, norm_num_groups, patch_nums, share_quant_resi,
         raise UserError(f"vocab_size must be positive, got {vocab_size}")
 
 
-def _unwrap_official(state_dict: Mapping) -> Mapping[str, torch.Tensor]:
-    trainer = state_dict.get("trainer") if isinstance(state_dict, Mapping) else None
-    if isinstance(trainer, Mapping) and "vae_local" in trainer:
-        return trainer["vae_local"]
-    return state_dict
+#: where official VAR training checkpoints keep the VQVAE weights
+OFFICIAL_WRAPPER_KEYS = ("trainer.vae_local",)
 
 
 def infer_official_config(state_dict: Mapping[str, torch.Tensor]) -> dict:
@@ -591,32 +592,6 @@ def infer_official_config(state_dict: Mapping[str, torch.Tensor]) -> dict:
     }
 
 
-def check_state_dict_matches(
-    model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str = "state dict"
-) -> None:
-    """Raise :class:`UserError` unless ``state_dict`` has exactly the model's keys with the same shapes; the
-    message lists the first 10 missing, unexpected and mis-shaped keys with their counts."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        f"{k} {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
-    ]
-    if not (missing or unexpected or mismatched):
-        return
-    parts = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-        if keys:
-            more = f", ... ({len(keys) - 10} more)" if len(keys) > 10 else ""
-            parts.append(f"{len(keys)} {label}: {', '.join(keys[:10])}{more}")
-    raise UserError(
-        f"{what} does not match MultiScaleVQModel({_short_config(model)}): " + "; ".join(parts)
-        + ". Check that the file is a VAR VQVAE checkpoint and pass the matching config overrides."
-    )
-
-
 def _short_config(model: nn.Module) -> str:
     cfg = getattr(model, "config", {})
     keys = ("ch", "ch_mult", "z_channels", "vocab_size", "share_quant_resi", "patch_nums")
@@ -626,19 +601,10 @@ def _short_config(model: nn.Module) -> str:
 def load_official_var_vae(path_or_state_dict: str | Path | Mapping, **config_overrides) -> MultiScaleVQModel:
     """Load VAR's released VQVAE (``vae_ch160v4096z32.pth``) or any checkpoint in its layout, on CPU, in eval
     mode. ``config_overrides`` replace inferred settings, e.g. ``patch_nums=PATCH_NUMS_512`` for 512 px."""
-    if isinstance(path_or_state_dict, Mapping):
-        state_dict = path_or_state_dict
-    else:
-        path = Path(path_or_state_dict)
-        if not path.is_file():
-            raise UserError(
-                f"VQVAE checkpoint not found: {path} (download vae_ch160v4096z32.pth from the VAR release "
-                f"and pass its path)"
-            )
-        try:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # unpickling errors have many types
-            raise UserError(f"could not read {path} as a PyTorch checkpoint: {err}") from err
-        if not isinstance(state_dict, Mapping):
-            raise UserError(f"{path} does not hold a state dict (got {type(state_dict).__name__})")
+    if not isinstance(path_or_state_dict, Mapping) and not Path(path_or_state_dict).exists():
+        raise UserError(
+            f"VQVAE checkpoint not found: {path_or_state_dict} (download vae_ch160v4096z32.pth from the VAR release "
+            "and pass its path)"
+        )
+    state_dict = read_state_dict(path_or_state_dict, what="VQVAE checkpoint", wrapper_keys=OFFICIAL_WRAPPER_KEYS)
     return MultiScaleVQModel.from_official_state_dict(state_dict, **config_overrides)

@@ -38,7 +38,7 @@ from einops import rearrange
 from torch import nn
 
 from vgen.errors import UserError
-from vgen.models.state_dicts import state_dict_mismatch
+from vgen.checkpoints import state_dict_mismatch
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vgen.errors import UserError
-from vgen.models.state_dicts import state_dict_mismatch
+from vgen.checkpoints import state_dict_mismatch
 from vgen.models.text_encoder import ShapesTextEncoder, split_words
 from vgen.models.var import VAR, VAR_SIZES, var_size
 from vgen.train.task import TrainTask
