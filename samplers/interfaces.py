@@ -37,18 +37,20 @@ import torch
 
 @runtime_checkable
 class StepKVCache(Protocol):
-    """Keys/values of past positions, per layer, as the step interfaces use them (e.g.
-    :class:`vgen.models.var.VARKVCache`); speculative algorithms use ``truncate`` to roll back rejected positions
-    and ``select`` to drop or repeat batch rows. (The block caches of ``vgen.kv_cache`` serve block-causal video.)"""
+    """The one KV-cache protocol every family's step uses (implemented by :mod:`vgen.kv_cache`: full, sink +
+    rolling window, Forcing-KV compressed). A model's attention layers hand each step's queries/keys/values to
+    ``attend``; the step's tokens stay tentative until the loop calls ``commit`` (all of them, or the first
+    ``keep_B[b]`` of row b: what speculative verification accepts) or ``rollback``. ``truncate`` rolls back
+    committed tokens per row; ``select`` keeps, reorders or repeats batch rows."""
 
-    def append(self, layer: int, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's keys/values (B, H, l, c) for ``layer``; return everything to attend to."""
+    def attend(self, layer: int, q_BHlc: torch.Tensor, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor, *,
+               store: bool = True, causal: bool = False, scale: float | None = None) -> torch.Tensor:
+        """Attention (B, H, l, c) of the step's queries over the cached history plus the step's own keys/values."""
         ...
 
-    @property
-    def seq_len(self) -> int: ...
+    def commit(self, keep_B: torch.Tensor | Sequence[int] | None = None) -> None: ...
 
-    def truncate(self, length: int) -> None: ...
+    def rollback(self) -> None: ...
 
     def select(self, index_B: torch.Tensor) -> None: ...
 
@@ -70,6 +72,7 @@ class NextScaleModel(Protocol):
         state, x_BlC = model.prefill(cond)                     # start tokens of scale 0
         for si in range(len(model.patch_nums)):
             logits_BlV = model.logits_for_scale(si, x_BlC, state)   # KV cache holds scales < si
+            state.cache.commit()                                    # scale si joins the history
             ... CFG, filtering, sampling, tokenizer update ...
             x_BlC = model.embed_scale_input(si + 1, next_input_BCvhh)
     """
@@ -92,7 +95,8 @@ class NextScaleModel(Protocol):
         ...
 
     def logits_for_scale(self, si: int, token_map_BlC: torch.Tensor, state: StepState) -> torch.Tensor:
-        """Logits (B, pn_si^2, V) in float32 for every token of scale ``si``; appends this scale to the cache."""
+        """Logits (B, pn_si^2, V) in float32 for every token of scale ``si``; this scale's keys/values go to the cache
+        tentatively (the loop commits them)."""
         ...
 
     def embed_scale_input(self, si: int, next_input_BCvhw: torch.Tensor) -> torch.Tensor:
@@ -118,7 +122,8 @@ class NextTokenModel(Protocol):
     """Raster-order AR (LlamaGen-style, Token-Shuffle windows): logits for positions after a prefix.
 
     ``decode`` scores ``n >= 1`` new tokens in one pass (logits for each of them and the one after), which is
-    exactly what a speculative verifier needs; ``state.cache.truncate`` rolls back rejected ones.
+    exactly what a speculative verifier needs; the loop then commits what it accepts per row
+    (``state.cache.commit(keep_B)``), and ``state.cache.truncate`` rolls back committed tokens per row.
     """
 
     def concat_conditions(self, cond: Any, uncond: Any) -> Any: ...

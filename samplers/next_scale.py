@@ -96,6 +96,7 @@ def generate_next_scale(
         pn = patch_nums[si]
         ratio = si / (num_scales - 1) if num_scales > 1 else 0.0
         logits_BlV = model.logits_for_scale(si, token_map_BlC, state).float()
+        state.cache.commit()
         if use_cfg:
             weight = guidance_schedule.weight(guidance_scale, si, num_scales)
             logits_BlV = combine_cfg(logits_BlV[:batch_size], logits_BlV[batch_size:], weight)

@@ -27,7 +27,7 @@ from vgen.samplers.logits import (
 )
 from vgen.samplers.next_scale import TokenSampling, generate_next_scale
 
-from vgen.models.var import VARKVCache
+from vgen.kv_cache import FullKVCache
 
 # ------------------------------------------------------------------------------------------------ filtering
 
@@ -220,7 +220,7 @@ class MockQuantizer(torch.nn.Module):
 
 @dataclass
 class MockState:
-    cache: VARKVCache
+    cache: FullKVCache
 
 
 class MockNextScaleModel:
@@ -244,13 +244,15 @@ class MockNextScaleModel:
 
     def prefill(self, cond):
         self.cond = cond
-        return MockState(VARKVCache(1)), torch.zeros(cond.shape[0], 1, 1)
+        cache = FullKVCache(batch=cond.shape[0], heads=1, head_dim=1, capacity=sum(p * p for p in self._patch_nums))
+        return MockState(cache), torch.zeros(cond.shape[0], 1, 1)
 
     def logits_for_scale(self, si, token_map_BlC, state):
         B, l = token_map_BlC.shape[:2]
         assert l == self._patch_nums[si] ** 2
         self.calls.append((si, B))
-        state.cache.append(0, torch.zeros(B, 1, l, 1), torch.zeros(B, 1, l, 1))
+        q = torch.zeros(B, 1, l, 1)
+        state.cache.attend(0, q, q, q)
         return (self.cond[:, None, :] + si).expand(B, l, self.V).clone()
 
     def embed_scale_input(self, si, next_input_BCvhw):
@@ -261,7 +263,7 @@ class MockNextScaleModel:
 def test_mock_model_and_quantizer_satisfy_protocols():
     assert isinstance(MockNextScaleModel(), NextScaleModel)
     assert isinstance(MockQuantizer(6, 2, (1, 2, 3)), ResidualQuantizer)
-    assert isinstance(VARKVCache(2), StepKVCache)
+    assert isinstance(FullKVCache(batch=1, heads=1, head_dim=1, capacity=1), StepKVCache)
 
 
 def test_loop_greedy_with_cfg_matches_hand_computation():
@@ -307,22 +309,6 @@ def test_loop_seeded_images_independent_of_batch_size():
     other = generate_next_scale(model, quant, conds, 3, guidance_scale=1.0, sampling=sampling,
                                 generators=[torch.Generator().manual_seed(99 + i) for i in range(3)])
     assert any(not torch.equal(a, b) for a, b in zip(other.idx_Bl, batch.idx_Bl))
-
-
-def test_kv_cache_truncate_select_clone():
-    cache = VARKVCache(2)
-    for layer in range(2):
-        cache.append(layer, torch.ones(3, 1, 2, 4), torch.ones(3, 1, 2, 4))
-    k, v = cache.append(0, torch.zeros(3, 1, 5, 4), torch.full((3, 1, 5, 4), 2.0))
-    assert k.shape == v.shape == (3, 1, 7, 4) and v[:, :, :2].eq(1).all() and v[:, :, 2:].eq(2).all()
-    cache.append(1, torch.zeros(3, 1, 5, 4), torch.zeros(3, 1, 5, 4))
-    assert cache.seq_len == 7
-    snapshot = cache.clone()
-    cache.truncate(2)
-    assert cache.seq_len == 2 and snapshot.seq_len == 7
-    cache.k_BHTc[0] = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 1, 2, 4)
-    cache.select(torch.tensor([2, 0]))
-    assert cache.k_BHTc[0].shape == (2, 1, 2, 4) and cache.k_BHTc[0][:, 0, 0, 0].tolist() == [2.0, 0.0]
 
 
 def test_more_smooth_is_soft_codebook_mixture():

@@ -11,7 +11,8 @@ from vgen.tokenizers.msvq import MultiScaleVQModel
 
 from vgen.errors import UserError
 from vgen.models.text_encoder import ShapesTextEncoder
-from vgen.models.var import VAR, VAR_SIZES, create_var, load_official_var
+from vgen.models.var import VAR, VAR_SIZES, create_var
+from vgen.models.var_official import load_official_var
 
 PATCH_NUMS = (1, 2, 3, 4)
 RECOMPUTED = {"lvl_1L", "attn_bias_for_masking"}

@@ -6,7 +6,7 @@ from vgen.samplers.guidance import LinearRampCFG
 from vgen.samplers.next_scale import TokenSampling, generate_next_scale
 from vgen.tokenizers.msvq import load_official_var_vae
 
-from vgen.models.var import load_official_var
+from vgen.models.var_official import load_official_var
 
 
 def test_official_tiny_var_config_inferred(parity_dir):

@@ -33,7 +33,7 @@ def register(subparsers) -> None:
 
 
 def convert_var_official(args: argparse.Namespace) -> int:
-    from vgen.models.var import load_official_var
+    from vgen.models.var_official import load_official_var
     from vgen.pipelines.var import VARPipeline
     from vgen.tokenizers.msvq import load_official_var_vae
 

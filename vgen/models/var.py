@@ -19,15 +19,15 @@ Conditioning:
 
 Generation loops live in :mod:`vgen.samplers`; this model implements the
 :class:`~vgen.samplers.interfaces.NextScaleModel` step (``prefill`` / ``logits_for_scale`` /
-``embed_scale_input``) with a :class:`VARKVCache`.
+``embed_scale_input``) on the shared :class:`vgen.kv_cache.FullKVCache`. Shared blocks come from
+:mod:`vgen.models.layers`, conditioning from :mod:`vgen.models.conditioning`, and the official-checkpoint loader
+lives in :mod:`vgen.models.var_official`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,7 +38,9 @@ from einops import rearrange
 from torch import nn
 
 from vgen.errors import UserError
-from vgen.checkpoints import state_dict_mismatch
+from vgen.kv_cache import FullKVCache
+from vgen.models.conditioning import Condition, ConditionedModel
+from vgen.models.layers import AdaLNBeforeHead, CrossAttention, DropPath, GELUMLP, attention
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
@@ -83,79 +85,6 @@ def create_var(name: str, **overrides: Any) -> VAR:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class VARKVCache:
-    """Per-layer keys/values (B, H, T, c) grown by concatenation along T, one entry per block.
-
-    VAR's scale-wise decoding appends a whole scale at a time and never evicts, so plain concatenation is all it
-    needs. Implements :class:`vgen.samplers.interfaces.StepKVCache` (``truncate`` rolls back speculative scales,
-    ``select`` keeps/reorders batch rows).
-    """
-
-    def __init__(self, num_layers: int):
-        self.num_layers = num_layers
-        self.k_BHTc: list[torch.Tensor | None] = [None] * num_layers
-        self.v_BHTc: list[torch.Tensor | None] = [None] * num_layers
-
-    def append(self, layer: int, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add this step's keys/values for ``layer``; return all cached keys/values (B, H, T, c) to attend to."""
-        if self.k_BHTc[layer] is None:
-            self.k_BHTc[layer], self.v_BHTc[layer] = k_BHlc, v_BHlc
-        else:
-            self.k_BHTc[layer] = torch.cat((self.k_BHTc[layer], k_BHlc), dim=2)
-            self.v_BHTc[layer] = torch.cat((self.v_BHTc[layer], v_BHlc), dim=2)
-        return self.k_BHTc[layer], self.v_BHTc[layer]
-
-    @property
-    def seq_len(self) -> int:
-        """Cached positions of the last layer (every layer holds the same number after a full step)."""
-        k = self.k_BHTc[-1] if self.num_layers else None
-        return 0 if k is None else k.shape[2]
-
-    def truncate(self, length: int) -> None:
-        """Keep the first ``length`` positions."""
-        self.k_BHTc = [None if k is None else k[:, :, :length] for k in self.k_BHTc]
-        self.v_BHTc = [None if v is None else v[:, :, :length] for v in self.v_BHTc]
-
-    def select(self, index_B: torch.Tensor) -> None:
-        """Keep/reorder batch rows ``index_B``."""
-        self.k_BHTc = [None if k is None else k.index_select(0, index_B) for k in self.k_BHTc]
-        self.v_BHTc = [None if v is None else v.index_select(0, index_B) for v in self.v_BHTc]
-
-    def clone(self) -> VARKVCache:
-        other = VARKVCache(self.num_layers)
-        other.k_BHTc, other.v_BHTc = list(self.k_BHTc), list(self.v_BHTc)
-        return other
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample (training only)."""
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-
-class FFN(nn.Module):
-    """fc1 -> GELU(tanh) -> fc2."""
-
-    def __init__(self, embed_dim: int, hidden_dim: int, drop: float = 0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(embed_dim, hidden_dim)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden_dim, embed_dim)
-        self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
-
-    def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.act(self.fc1(x_BLC))))
-
-
 class SelfAttention(nn.Module):
     """Multi-head self-attention with VAR's fused ``mat_qkv`` (no bias), separate ``q_bias`` / ``v_bias`` (no k
     bias) and, with ``attn_l2_norm``, cosine attention: q and k are l2-normalised, q is scaled by
@@ -184,12 +113,12 @@ class SelfAttention(nn.Module):
         self,
         x_BLC: torch.Tensor,
         attn_bias_11LL: torch.Tensor | None,
-        cache: VARKVCache | None = None,
+        cache: FullKVCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
         """``x_BLC`` (B, L, C). Training: ``attn_bias_11LL`` is the block-causal mask and ``cache`` None.
-        Inference: ``attn_bias_11LL`` None and keys/values are appended to ``cache`` (this scale attends to every
-        cached token of coarser scales and of its own scale)."""
+        Inference: ``attn_bias_11LL`` None and keys/values go to ``cache`` (this scale attends to every cached token
+        of coarser scales and to its own scale; the sampling loop commits the scale)."""
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
         qkv = F.linear(x_BLC, self.mat_qkv.weight, bias)
         q_BHLc, k_BHLc, v_BHLc = rearrange(qkv, "B L (three H c) -> three B H L c", three=3, H=self.num_heads).unbind(0)
@@ -198,32 +127,11 @@ class SelfAttention(nn.Module):
             q_BHLc = F.normalize(q_BHLc, dim=-1).mul(scale_mul_1H11)
             k_BHLc = F.normalize(k_BHLc, dim=-1)
         if cache is not None:
-            k_BHLc, v_BHLc = cache.append(layer, k_BHLc, v_BHLc)
-        dropout_p = self.attn_drop if self.training else 0.0
-        mask = None if attn_bias_11LL is None else attn_bias_11LL.to(q_BHLc.dtype)
-        out_BHLc = F.scaled_dot_product_attention(
-            q_BHLc, k_BHLc, v_BHLc, attn_mask=mask, dropout_p=dropout_p, scale=self.scale
-        )
+            out_BHLc = cache.attend(layer, q_BHLc, k_BHLc, v_BHLc, scale=self.scale)
+        else:
+            dropout_p = self.attn_drop if self.training else 0.0
+            out_BHLc = attention(q_BHLc, k_BHLc, v_BHLc, attn_bias_11LL, scale=self.scale, dropout_p=dropout_p)
         return self.proj_drop(self.proj(rearrange(out_BHLc, "B H L c -> B L (H c)")))
-
-
-class CrossAttention(nn.Module):
-    """Image tokens (queries) attend to text tokens (keys/values); only in text models with ``text_cross_attn``."""
-
-    def __init__(self, embed_dim: int, num_heads: int, norm_eps: float = 1e-6):
-        super().__init__()
-        self.num_heads = num_heads
-        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
-        self.mat_q = nn.Linear(embed_dim, embed_dim)
-        self.mat_kv = nn.Linear(embed_dim, 2 * embed_dim)
-        self.proj = nn.Linear(embed_dim, embed_dim)
-
-    def forward(self, x_BLC: torch.Tensor, ctx_BTC: torch.Tensor, ctx_mask_BT: torch.Tensor) -> torch.Tensor:
-        q_BHLc = rearrange(self.mat_q(self.norm(x_BLC)), "B L (H c) -> B H L c", H=self.num_heads)
-        k_BHTc, v_BHTc = rearrange(self.mat_kv(ctx_BTC), "B T (two H c) -> two B H T c", two=2, H=self.num_heads)
-        mask_B11T = ctx_mask_BT[:, None, None, :].bool()
-        out_BHLc = F.scaled_dot_product_attention(q_BHLc, k_BHTc, v_BHTc, attn_mask=mask_B11T)
-        return self.proj(rearrange(out_BHLc, "B H L c -> B L (H c)"))
 
 
 class AdaLNSelfAttn(nn.Module):
@@ -240,7 +148,7 @@ class AdaLNSelfAttn(nn.Module):
         self.drop_path = DropPath(drop_path)
         self.attn = SelfAttention(embed_dim, num_heads, attn_drop=attn_drop, proj_drop=drop, attn_l2_norm=attn_l2_norm)
         self.cross_attn = CrossAttention(embed_dim, num_heads, norm_eps) if cross_attn else None
-        self.ffn = FFN(embed_dim, round(embed_dim * mlp_ratio), drop=drop)
+        self.ffn = GELUMLP(embed_dim, round(embed_dim * mlp_ratio), drop=drop)
         self.ln_wo_grad = nn.LayerNorm(embed_dim, eps=norm_eps, elementwise_affine=False)
         self.shared_aln = shared_aln
         if shared_aln:
@@ -249,7 +157,7 @@ class AdaLNSelfAttn(nn.Module):
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * embed_dim))
 
     def forward(self, x_BLC: torch.Tensor, cond_BD_or_gss: torch.Tensor, attn_bias_11LL: torch.Tensor | None,
-                cache: VARKVCache | None = None, layer: int = 0, ctx: VARCondition | None = None) -> torch.Tensor:
+                cache: FullKVCache | None = None, layer: int = 0, ctx: Condition | None = None) -> torch.Tensor:
         if self.shared_aln:
             ada_B16C = self.ada_gss + cond_BD_or_gss
         else:
@@ -263,20 +171,6 @@ class AdaLNSelfAttn(nn.Module):
         return x_BLC + self.drop_path(h.mul(gamma2))
 
 
-class AdaLNBeforeHead(nn.Module):
-    """LayerNorm modulated by ``ada_lin(cond_BD)`` unbound as (scale, shift), before the classifier head."""
-
-    def __init__(self, embed_dim: int, cond_dim: int, norm_eps: float):
-        super().__init__()
-        self.C = embed_dim
-        self.ln_wo_grad = nn.LayerNorm(embed_dim, eps=norm_eps, elementwise_affine=False)
-        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * embed_dim))
-
-    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
-        return self.ln_wo_grad(x_BLC).mul(scale.add(1)).add_(shift)
-
-
 class SharedAdaLin(nn.Linear):
     """Shared AdaLN projection (d36): (B, D) -> (B, 1, 6, C)."""
 
@@ -285,47 +179,16 @@ class SharedAdaLin(nn.Linear):
         return super().forward(cond_BD).view(-1, 1, 6, C)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Conditions and sampling state
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class VARCondition:
-    """What a VAR step is conditioned on, for B rows: ``cond_BD`` (B, C) drives the start token and every AdaLN;
-    ``context_BTC`` / ``context_mask_BT`` are projected text tokens for cross-attention (None otherwise)."""
-
-    cond_BD: torch.Tensor
-    context_BTC: torch.Tensor | None = None
-    context_mask_BT: torch.Tensor | None = None
-
-    def rows(self, start: int, end: int) -> VARCondition:
-        """Rows ``start:end`` of every field."""
-        if self.context_BTC is None:
-            return VARCondition(self.cond_BD[start:end])
-        return VARCondition(self.cond_BD[start:end], self.context_BTC[start:end], self.context_mask_BT[start:end])
-
-    def cat(self, other: VARCondition) -> VARCondition:
-        if self.context_BTC is None:
-            return VARCondition(torch.cat((self.cond_BD, other.cond_BD)))
-        T = max(self.context_BTC.shape[1], other.context_BTC.shape[1])
-
-        def pad(x: torch.Tensor) -> torch.Tensor:
-            return F.pad(x, (0, 0) * (x.ndim - 2) + (0, T - x.shape[1]))
-
-        return VARCondition(
-            torch.cat((self.cond_BD, other.cond_BD)),
-            torch.cat((pad(self.context_BTC), pad(other.context_BTC))),
-            torch.cat((pad(self.context_mask_BT), pad(other.context_mask_BT))),
-        )
+#: VAR's condition is the shared :class:`vgen.models.conditioning.Condition` (name kept for readers of VAR code)
+VARCondition = Condition
 
 
 @dataclass
 class VARStepState:
     """Sampling state between scales: the KV cache plus the per-row AdaLN inputs."""
 
-    cache: VARKVCache
-    cond: VARCondition
+    cache: FullKVCache
+    cond: Condition
     cond_BD_or_gss: torch.Tensor
 
 
@@ -334,7 +197,7 @@ class VARStepState:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class VAR(ModelMixin, ConfigMixin):
+class VAR(ModelMixin, ConfigMixin, ConditionedModel):
     """VAR transformer (B: batch, L: tokens of all scales, C: width, V: codebook size, Cvae: codebook dim).
 
     ``forward(label_B, x_BLCv_wo_first_l)`` is the teacher-forced training pass (block-causal mask), returning
@@ -366,15 +229,10 @@ class VAR(ModelMixin, ConfigMixin):
         text_cross_attn: bool = False,
     ):
         super().__init__()
-        if conditioning not in ("class", "text"):
-            raise UserError(f"VAR conditioning must be 'class' or 'text', got {conditioning!r}")
-        if conditioning == "text" and not text_embed_dim:
-            raise UserError("a text-conditional VAR needs text_embed_dim (the text encoder's output width)")
         if embed_dim % num_heads:
             raise UserError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         patch_nums = tuple(int(p) for p in patch_nums)
         self.Cvae, self.V, self.C, self.D = Cvae, vocab_size, embed_dim, embed_dim
-        self.num_classes = num_classes
         self.L = sum(pn * pn for pn in patch_nums)
         self.first_l = patch_nums[0] ** 2
         self.begin_ends = []
@@ -387,15 +245,7 @@ class VAR(ModelMixin, ConfigMixin):
         # 1. input (word) embedding of the tokenizer's Cvae-dim features
         self.word_embed = nn.Linear(Cvae, self.C)
         # 2. condition: class embedding (num_classes + 1 rows, the last is the null class) or text projection
-        if conditioning == "class":
-            self.class_emb = nn.Embedding(num_classes + 1, self.C)
-            nn.init.trunc_normal_(self.class_emb.weight, mean=0, std=init_std)
-        else:
-            self.text_proj = nn.Linear(text_embed_dim, self.C)
-            self.null_text_cond = nn.Parameter(torch.zeros(1, self.C).normal_(0, init_std))
-            if text_cross_attn:
-                self.text_token_proj = nn.Linear(text_embed_dim, self.C)
-                self.null_text_token = nn.Parameter(torch.zeros(1, 1, self.C).normal_(0, init_std))
+        self.init_conditioning(conditioning, self.C, num_classes, text_embed_dim, text_cross_attn, init_std)
         self.pos_start = nn.Parameter(torch.empty(1, self.first_l, self.C))
         nn.init.trunc_normal_(self.pos_start, mean=0, std=init_std)
         # 3. absolute position embedding (one block per scale) and level embedding
@@ -467,66 +317,11 @@ class VAR(ModelMixin, ConfigMixin):
                 block.ada_lin[-1].weight[: 2 * self.C].mul_(init_adaln_gamma)
                 block.ada_lin[-1].bias.zero_()
 
-    # -- conditions --------------------------------------------------------------------------------------------
+    # -- schedule ------------------------------------------------------------------------------------------------
 
     @property
     def patch_nums(self) -> tuple[int, ...]:
         return tuple(self.config.patch_nums)
-
-    @property
-    def is_text_conditional(self) -> bool:
-        return self.config.conditioning == "text"
-
-    def class_condition(self, label_B: torch.Tensor) -> VARCondition:
-        """Condition from class labels (B,) int64; label ``num_classes`` (or any negative label) is the null class."""
-        if self.is_text_conditional:
-            raise UserError("this VAR model is text-conditional: pass a prompt, not class labels")
-        label_B = torch.where(label_B < 0, self.num_classes, label_B).to(self.class_emb.weight.device)
-        return VARCondition(self.class_emb(label_B))
-
-    def text_condition(
-        self, pooled_BD: torch.Tensor, tokens_BTD: torch.Tensor | None = None, mask_BT: torch.Tensor | None = None
-    ) -> VARCondition:
-        """Condition from a text encoder's pooled embedding (B, Dt) and tokens (B, T, Dt) with mask (B, T)."""
-        if not self.is_text_conditional:
-            raise UserError(
-                "this VAR model is class-conditional: pass class labels, not a prompt "
-                f"(labels 0..{self.num_classes - 1})"
-            )
-        cond_BD = self.text_proj(pooled_BD)
-        if not self.config.text_cross_attn:
-            return VARCondition(cond_BD)
-        if tokens_BTD is None or mask_BT is None:
-            raise ValueError("this VAR model cross-attends to text tokens: pass tokens_BTD and mask_BT")
-        return VARCondition(cond_BD, self.text_token_proj(tokens_BTD), mask_BT.bool())
-
-    def null_condition(self, batch_size: int) -> VARCondition:
-        """Unconditional condition: the null class, or the learned null prompt."""
-        if not self.is_text_conditional:
-            return VARCondition(self.class_emb.weight[self.num_classes].unsqueeze(0).expand(batch_size, -1))
-        cond_BD = self.null_text_cond.expand(batch_size, -1)
-        if not self.config.text_cross_attn:
-            return VARCondition(cond_BD)
-        ctx = self.null_text_token.expand(batch_size, -1, -1)
-        return VARCondition(cond_BD, ctx, torch.ones(batch_size, 1, dtype=torch.bool, device=ctx.device))
-
-    def concat_conditions(self, cond: VARCondition, uncond: VARCondition) -> VARCondition:
-        return cond.cat(uncond)
-
-    def drop_condition(self, cond: VARCondition, drop_B: torch.Tensor) -> VARCondition:
-        """Replace rows where ``drop_B`` is True by the null condition (classifier-free guidance training)."""
-        null = self.null_condition(cond.cond_BD.shape[0])
-        cond_BD = torch.where(drop_B[:, None], null.cond_BD.to(cond.cond_BD.dtype), cond.cond_BD)
-        if cond.context_BTC is None:
-            return VARCondition(cond_BD)
-        T = cond.context_BTC.shape[1]
-        null_ctx = F.pad(null.context_BTC, (0, 0, 0, T - 1))
-        null_mask = F.pad(null.context_mask_BT, (0, T - 1))
-        return VARCondition(
-            cond_BD,
-            torch.where(drop_B[:, None, None], null_ctx, cond.context_BTC),
-            torch.where(drop_B[:, None], null_mask, cond.context_mask_BT),
-        )
 
     # -- shared pieces -----------------------------------------------------------------------------------------
 
@@ -588,7 +383,10 @@ class VAR(ModelMixin, ConfigMixin):
     def prefill(self, cond: VARCondition) -> tuple[VARStepState, torch.Tensor]:
         """Fresh KV cache and the start token map (B, first_l, C) = condition + pos_start + level/pos of scale 0."""
         B = cond.cond_BD.shape[0]
-        state = VARStepState(VARKVCache(len(self.blocks)), cond, self.shared_ada_lin(cond.cond_BD))
+        attn = self.blocks[0].attn
+        cache = FullKVCache(num_layers=len(self.blocks), batch=B, heads=attn.num_heads, head_dim=attn.head_dim,
+                            capacity=self.L, dtype=self.pos_1LC.dtype, device=self.pos_1LC.device)
+        state = VARStepState(cache, cond, self.shared_ada_lin(cond.cond_BD))
         sos_BlC = (
             cond.cond_BD.unsqueeze(1).expand(B, self.first_l, -1)
             + self.pos_start.expand(B, self.first_l, -1)
@@ -597,7 +395,8 @@ class VAR(ModelMixin, ConfigMixin):
         return state, sos_BlC
 
     def logits_for_scale(self, si: int, token_map_BlC: torch.Tensor, state: VARStepState) -> torch.Tensor:
-        """Logits (B, pn_si^2, V) for scale ``si``; its keys/values are appended to ``state.cache``."""
+        """Logits (B, pn_si^2, V) for scale ``si``; its keys/values go to ``state.cache`` tentatively (the loop
+        commits them)."""
         x_BlC = token_map_BlC
         for i, block in enumerate(self.blocks):
             x_BlC = block(x_BlC, state.cond_BD_or_gss, None, cache=state.cache, layer=i, ctx=state.cond)
@@ -608,104 +407,3 @@ class VAR(ModelMixin, ConfigMixin):
         bg, ed = self.begin_ends[si]
         x_BlCv = rearrange(next_input_BCvhw, "B C h w -> B (h w) C")
         return self.word_embed(x_BlCv.to(self.word_embed.weight.dtype)) + self.lvl_pos_1LC()[:, bg:ed]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Official checkpoints
-# ----------------------------------------------------------------------------------------------------------------
-
-#: Buffers official files carry that vgen recomputes (or, for zero_k_bias, never needs).
-OFFICIAL_RECOMPUTED_BUFFERS = ("lvl_1L", "attn_bias_for_masking")
-
-
-def _is_recomputed_buffer(key: str) -> bool:
-    return key in OFFICIAL_RECOMPUTED_BUFFERS or key.endswith(".attn.zero_k_bias")
-
-
-def _read_state_dict(path_or_sd: str | Path | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if isinstance(path_or_sd, Mapping):
-        sd = dict(path_or_sd)
-    else:
-        path = Path(path_or_sd)
-        if not path.is_file():
-            raise UserError(f"VAR checkpoint not found: {path} (pass the official var_dXX.pth file)")
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise UserError(f"cannot read VAR checkpoint {path}: {err}") from err
-    # training checkpoints: {'trainer': {'var_wo_ddp': ...}, ...}
-    if isinstance(sd.get("trainer"), Mapping) and "var_wo_ddp" in sd["trainer"]:
-        sd = dict(sd["trainer"]["var_wo_ddp"])
-    if not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UserError("the VAR checkpoint is not a state dict of tensors (expected official var_dXX.pth)")
-    return sd
-
-
-def _patch_nums_for_length(L: int, num_scales: int) -> tuple[int, ...]:
-    for pns in (PATCH_NUMS_256, PATCH_NUMS_512):
-        if sum(p * p for p in pns) == L and len(pns) == num_scales:
-            return pns
-    raise UserError(
-        f"cannot infer the scale schedule of a VAR checkpoint with {L} tokens over {num_scales} scales; "
-        "pass patch_nums explicitly"
-    )
-
-
-def official_var_config(sd: Mapping[str, torch.Tensor], patch_nums: tuple[int, ...] | None = None) -> dict[str, Any]:
-    """VAR constructor kwargs inferred from an official state dict (depth, width, heads, shared AdaLN, ...)."""
-    required = ("pos_1LC", "class_emb.weight", "word_embed.weight", "head.weight", "lvl_embed.weight")
-    missing = [k for k in required if k not in sd]
-    if missing:
-        raise UserError(f"not an official VAR checkpoint: missing key(s) {', '.join(missing)}")
-    depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
-    if depth == 0:
-        raise UserError("not an official VAR checkpoint: no 'blocks.N.*' keys")
-    C = sd["pos_1LC"].shape[-1]
-    L = sd["pos_1LC"].shape[1]
-    num_scales = sd["lvl_embed.weight"].shape[0]
-    scale_mul = sd.get("blocks.0.attn.scale_mul_1H11")
-    num_heads = scale_mul.numel() if scale_mul is not None else max(1, C // 64)
-    if patch_nums is None:
-        patch_nums = _patch_nums_for_length(L, num_scales)
-    return dict(
-        vocab_size=sd["head.weight"].shape[0],
-        Cvae=sd["word_embed.weight"].shape[1],
-        patch_nums=tuple(patch_nums),
-        depth=depth,
-        embed_dim=C,
-        num_heads=num_heads,
-        mlp_ratio=sd["blocks.0.ffn.fc1.weight"].shape[0] / C if "blocks.0.ffn.fc1.weight" in sd else 4.0,
-        shared_aln="shared_ada_lin.1.weight" in sd,
-        attn_l2_norm=scale_mul is not None,
-        num_classes=sd["class_emb.weight"].shape[0] - 1,
-        conditioning="class",
-    )
-
-
-def load_official_var(
-    path_or_sd: str | Path | Mapping[str, torch.Tensor],
-    patch_nums: tuple[int, ...] | None = None,
-    **overrides: Any,
-) -> VAR:
-    """Build a :class:`VAR` from an official ``var_dXX.pth`` (plain state dict or a training checkpoint).
-
-    Depth, width, heads, vocabulary, number of classes and shared AdaLN are read from the tensors; ``overrides``
-    (e.g. ``cond_drop_rate``, ``drop_path_rate``) go to the constructor. Raises :class:`UserError` listing missing
-    or unexpected keys if the file does not match the official layout.
-    """
-    sd = _read_state_dict(path_or_sd)
-    sd = {k: v for k, v in sd.items() if not _is_recomputed_buffer(k)}
-    for k, v in list(sd.items()):  # some forks store scale_mul as (1, 1, H, 1)
-        if k.endswith("attn.scale_mul_1H11") and v.ndim == 4 and v.shape[1] == 1:
-            sd[k] = v.reshape(1, -1, 1, 1)
-    config = {**official_var_config(sd, patch_nums), **overrides}
-    with torch.device("meta"):
-        model = VAR(**config)
-    mismatch = state_dict_mismatch(model.state_dict(), sd)
-    if mismatch:
-        raise UserError(f"the VAR checkpoint does not match the official layout; {mismatch}")
-    # Allocate without running the random init (seconds to minutes for d16..d36), then fill every tensor.
-    model = model.to_empty(device="cpu")
-    model.register_masks(device="cpu")
-    model.load_state_dict(sd, strict=True)
-    return model.eval()
