@@ -30,6 +30,16 @@ def resolve_model_dir(model: str | Path | None) -> Path:
     return Path(model) if model is not None else default_model_dir()
 
 
+def register_with_diffusers() -> None:
+    """Import every registered pipeline class, which makes ``diffusers.DiffusionPipeline.from_pretrained(folder)``
+    load any saved vgen pipeline (importing one family's module, e.g. ``vgen.pipelines.var``, registers that family
+    alone)."""
+    from vgen.pipelines.registry import PIPELINES, load_pipeline_class
+
+    for name in PIPELINES:
+        load_pipeline_class(name)
+
+
 def pipeline_class_name(model_dir: Path) -> str:
     """``_class_name`` of a saved pipeline folder's ``model_index.json``, or a :class:`UserError` saying what is
     wrong with the folder."""

@@ -31,6 +31,16 @@ class VGenPipeline(DiffusionPipeline):
     #: the registry entry's options (set from the registry by subclasses: ``sampling_options = options_of(...)``)
     sampling_options: ClassVar[tuple[SamplingOption, ...]] = ()
 
+    def __init_subclass__(cls, **kwargs):
+        """Make every vgen pipeline class visible to diffusers' generic loader: ``DiffusionPipeline.from_pretrained``
+        looks the saved ``_class_name`` up as an attribute of the ``diffusers`` module, so the class is added there
+        (under its own name only; nothing of diffusers is replaced)."""
+        super().__init_subclass__(**kwargs)
+        import diffusers
+
+        if getattr(diffusers, cls.__name__, cls) is cls:
+            setattr(diffusers, cls.__name__, cls)
+
     @classmethod
     def option(cls, name: str) -> SamplingOption:
         for option in cls.sampling_options:

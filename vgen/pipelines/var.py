@@ -5,8 +5,9 @@
     images = pipe(class_labels=[207, 360], guidance_scale=1.5, top_k=900, top_p=0.96,
                   generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images
 
-Text-conditional models take ``prompt=...`` instead of ``class_labels``. Load with ``VARPipeline.from_pretrained``
-(diffusers' generic ``DiffusionPipeline.from_pretrained`` cannot find vgen's classes). The generation loop is
+Text-conditional models take ``prompt=...`` instead of ``class_labels``. Once this module is imported, diffusers'
+generic ``diffusers.DiffusionPipeline.from_pretrained(folder)`` loads saved VAR folders too (see
+:meth:`vgen.pipelines.base.VGenPipeline.__init_subclass__`). The generation loop is
 :func:`vgen.samplers.next_scale.generate_next_scale`; every argument here maps onto it.
 """
 
