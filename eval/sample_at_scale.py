@@ -1,13 +1,15 @@
 """Sampling at scale: many images from a pipeline, sharded over processes, reproducible, resumable.
 
-Every image has a global index and its own seed ``seed + index`` (one ``torch.Generator`` per image), so the set of
-images does not depend on the number of processes or on which ranks drew which batch. Under ``torchrun`` (process
-group from :mod:`vgen.train.distributed`) rank r draws indices r, r + W, r + 2W, ... ; images already on disk are
-skipped, so an interrupted run resumes where it stopped. Bit-for-bit equality also needs the same intra-op thread
-count (torchrun sets ``OMP_NUM_THREADS=1``; CPU float reductions depend on it, and a flipped rounding moves a pixel
-value by 1) and the same device type. Files are written atomically (temporary name, then rename). After a barrier, rank 0 writes
-``manifest.jsonl`` (index, seed, prompt or class label, file) and optionally ``samples.npz`` (``arr_0``: uint8
-[N, H, W, 3] in index order, the input format of OpenAI's ADM evaluator).
+Every image has a global index and its own seed ``seed + index`` (one ``torch.Generator`` per image), so the random
+numbers of an image do not depend on the number of processes or on which ranks drew which batch. Under ``torchrun``
+(process group from :mod:`vgen.train.distributed`) rank r draws indices r, r + W, r + 2W, ... ; images already on disk
+are skipped, so an interrupted run resumes where it stopped. The pixels are equal bit for bit only where the
+arithmetic is: the same batch size (``--batch-size 1`` makes every image's batch the same), the same intra-op thread
+count (torchrun sets ``OMP_NUM_THREADS=1``) and the same device type; batched kernels and float reductions round
+differently by shape and thread count, and one flipped token changes the rest of its image. Files are written
+atomically (temporary name, then rename). After a barrier, rank 0 writes ``manifest.jsonl`` (index, seed, prompt or
+class label, file) and optionally ``samples.npz`` (``arr_0``: uint8 [N, H, W, 3] in index order, the input format of
+OpenAI's ADM evaluator).
 
 Two layouts share this code: a flat folder (``000000.png`` ...; :func:`flat_jobs`) and GenEval's per-prompt folders
 (``00000/samples/0000.png``; :func:`geneval_jobs`).

@@ -181,7 +181,7 @@ class VARPipeline(DiffusionPipeline):
                 ``1 + guidance_scale * profile[si]`` at scale si (:class:`vgen.samplers.guidance.ProfileCFG`).
             guidance_schedule: any other CFG schedule, e.g. :class:`vgen.samplers.guidance.ConstantCFG` (replaces
                 ``guidance_profile``).
-            generator: one ``torch.Generator`` per image (images independent of batch size) or a single one.
+            generator: one ``torch.Generator`` per image (its random numbers do not depend on the batch) or one.
             output_type: ``"pil"``, ``"np"`` (B, H, W, 3) floats in [0, 1] or ``"pt"`` (B, 3, H, W) in [0, 1].
             return_dict: return :class:`ImagePipelineOutput` (else a tuple ``(images,)``).
         """
