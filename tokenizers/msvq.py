@@ -35,6 +35,7 @@ from einops import rearrange
 from torch import nn
 
 from vgen.errors import UserError
+from vgen.torch_files import load_torch_file
 
 from .vq_autoencoder_blocks import Decoder, Encoder
 
@@ -635,10 +636,5 @@ def load_official_var_vae(path_or_state_dict: str | Path | Mapping, **config_ove
                 f"VQVAE checkpoint not found: {path} (download vae_ch160v4096z32.pth from the VAR release "
                 f"and pass its path)"
             )
-        try:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # unpickling errors have many types
-            raise UserError(f"could not read {path} as a PyTorch checkpoint: {err}") from err
-        if not isinstance(state_dict, Mapping):
-            raise UserError(f"{path} does not hold a state dict (got {type(state_dict).__name__})")
+        state_dict = load_torch_file(path, "VQVAE checkpoint", expect=Mapping)
     return MultiScaleVQModel.from_official_state_dict(state_dict, **config_overrides)

@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"vgen {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"vgen {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # a run that stopped cleanly says how to continue
+        print(f"vgen {args.command}: interrupted" + (f": {err}" if str(err) else ""), file=sys.stderr)
         return 130
     return int(result or 0)
 

@@ -39,6 +39,7 @@ from torch import nn
 
 from vgen.errors import UserError
 from vgen.models.state_dicts import state_dict_mismatch
+from vgen.torch_files import load_torch_file
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
@@ -629,10 +630,7 @@ def _read_state_dict(path_or_sd: str | Path | Mapping[str, torch.Tensor]) -> dic
         path = Path(path_or_sd)
         if not path.is_file():
             raise UserError(f"VAR checkpoint not found: {path} (pass the official var_dXX.pth file)")
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise UserError(f"cannot read VAR checkpoint {path}: {err}") from err
+        sd = load_torch_file(path, "VAR checkpoint")
     # training checkpoints: {'trainer': {'var_wo_ddp': ...}, ...}
     if isinstance(sd.get("trainer"), Mapping) and "var_wo_ddp" in sd["trainer"]:
         sd = dict(sd["trainer"]["var_wo_ddp"])
