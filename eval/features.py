@@ -41,6 +41,7 @@ from cleanfid.resize import build_resizer, make_resizer
 from cleanfid.utils import EXTENSIONS
 from tqdm import tqdm
 
+from vgen.devices import resolve_device
 from vgen.errors import UserError
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -60,12 +61,6 @@ class FeatureExtractor:
     fn_resize: Callable[[np.ndarray], np.ndarray]
     device: torch.device
     digest: str = ""  # identifies the weights where it matters (the Shapes net); "" otherwise
-
-
-def default_device(device: str | torch.device | None = None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def cleanfid_inception_location() -> Path:
@@ -140,7 +135,7 @@ def build_extractor(
     """``features``: ``inception`` | ``shapes`` | ``module.path:callable``; ``mode``: ``clean`` | ``legacy_tensorflow``."""
     if mode not in MODES:
         raise UserError(f"unknown --mode {mode!r}; choose one of {', '.join(MODES)}")
-    device = default_device(device)
+    device = resolve_device(device)
     if features == "inception":
         return _inception_extractor(mode, device, inception_path)
     if features == "shapes":

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 import time
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +32,16 @@ import torch
 from PIL import Image
 
 from vgen.errors import UserError
+from vgen.memory import check_fits_in_memory
 from vgen.train.distributed import DistContext, barrier, setup_distributed
 
 SETTINGS_FILE = "sample_config.json"
 MANIFEST_FILE = "manifest.jsonl"
 NPZ_FILE = "samples.npz"
+#: Bytes a job description takes in memory (generously): what :func:`flat_jobs` checks a huge ``--n`` against.
+JOB_BYTES = 1024
+#: Temporary files of the atomic writes: ``.<name>.<pid>.tmp`` (+ ``.png`` for images).
+_TMP_NAME = re.compile(r"^\..+\.(\d+)\.tmp(\.png)?$")
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,8 @@ def flat_jobs(
         raise UserError("the prompt / class-label list is empty; give at least one")
     if n < 1:
         raise UserError(f"--n must be at least 1 (got {n})")
+    check_fits_in_memory(n * JOB_BYTES, f"a list of {n} images to sample", "give a smaller --n (or sample the set in "
+                         "parts, each into its own --out folder, with --seed shifted by the images before it)")
     out = Path(out)
     jobs = []
     for i in range(n):
@@ -163,11 +173,67 @@ def load_pipeline(model_dir: str | Path, device: torch.device):
     return pipe
 
 
+def _tmp_path(path: Path, suffix: str = "") -> Path:
+    """Where ``path`` is written before it is renamed into place (named after this process, see
+    :func:`remove_leftovers`)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+
+
 def _save_atomic(image: Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    tmp = _tmp_path(path, ".png")
     image.save(tmp, format="PNG")
     os.replace(tmp, path)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = _tmp_path(path)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_leftovers(out: Path) -> int:
+    """Delete the temporary files that processes no longer running left under ``out`` (a run killed mid-write);
+    those of a process still writing are kept. Returns how many were removed."""
+    removed = 0
+    for path in out.rglob(".*.tmp*"):
+        match = _TMP_NAME.match(path.name)
+        if match and path.is_file() and not _process_alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def image_is_complete(path: Path) -> bool:
+    """Whether ``path`` is a whole, readable image (a zero-byte or cut-off file left in a folder is not)."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False
+    return True
+
+
+def pending_jobs(jobs: Sequence[SampleJob]) -> tuple[list[SampleJob], int]:
+    """The jobs whose image is missing or unreadable, and how many of those were unreadable files (remade)."""
+    pending, broken = [], 0
+    for job in jobs:
+        if not job.path.exists():
+            pending.append(job)
+        elif not image_is_complete(job.path):
+            pending.append(job)
+            broken += 1
+    return pending, broken
 
 
 def generate_jobs(
@@ -178,11 +244,14 @@ def generate_jobs(
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> int:
-    """Make the images of ``jobs`` whose file does not exist yet, ``batch_size`` at a time, one generator per image
-    seeded with ``job.seed``. Returns the number of images written."""
+    """Make the images of ``jobs`` whose file is missing or unreadable, ``batch_size`` at a time, one generator per
+    image seeded with ``job.seed``. Returns the number of images written."""
     from tqdm.auto import tqdm
 
-    pending = [job for job in jobs if not job.path.exists()]
+    pending, broken = pending_jobs(jobs)
+    if broken:
+        tqdm.write(f"vgen sample: warning: {broken} image file(s) in the folder are empty or unreadable; making them "
+                   "again", file=sys.stderr)
     kwargs = {k: v for k, v in (pipeline_kwargs or {}).items() if v is not None}
     with tqdm(total=len(pending), desc="sample", unit="img", disable=not progress) as bar:
         for start in range(0, len(pending), batch_size):
@@ -207,7 +276,13 @@ def check_settings(out: Path, settings: dict) -> None:
     """Refuse to resume into ``out`` if it was filled with different settings (the images would not form one set)."""
     path = out / SETTINGS_FILE
     if path.is_file():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            old = None
+        if not isinstance(old, dict):
+            raise UserError(f"{path} is corrupt (not a JSON object), so the settings of the images in {out} are "
+                            "unknown; delete it to resume with the current settings, or use a new --out folder")
         if "guidance_profile" in settings:  # folders from before profiles existed were sampled with VAR's ramp
             old.setdefault("guidance_profile", "ramp")
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
@@ -218,27 +293,37 @@ def check_settings(out: Path, settings: dict) -> None:
 
 def write_manifest(out: Path, jobs: Sequence[SampleJob]) -> Path:
     path = out / MANIFEST_FILE
-    with open(path, "w") as fh:
-        fh.writelines(json.dumps(job.manifest_entry(out)) + "\n" for job in sorted(jobs, key=lambda j: j.index))
+    entries = (json.dumps(job.manifest_entry(out)) + "\n" for job in sorted(jobs, key=lambda j: j.index))
+    _write_text_atomic(path, "".join(entries))
     return path
 
 
+def _rgb_pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
 def write_npz(out: Path, jobs: Sequence[SampleJob], progress: bool = True) -> Path:
-    """``out/samples.npz`` with ``arr_0``: uint8 [N, H, W, 3], images in index order."""
+    """``out/samples.npz`` with ``arr_0``: uint8 [N, H, W, 3], images in index order. The array is streamed into the
+    file image by image (the layout ``np.savez`` writes), so its size is bounded by the disk, not by memory."""
     from tqdm.auto import tqdm
 
     ordered = sorted(jobs, key=lambda j: j.index)
-    first = np.asarray(Image.open(ordered[0].path).convert("RGB"))
-    arr = np.empty((len(ordered), *first.shape), dtype=np.uint8)
-    for i, job in enumerate(tqdm(ordered, desc="npz", unit="img", disable=not progress)):
-        with Image.open(job.path) as image:
-            pixels = np.asarray(image.convert("RGB"))
-        if pixels.shape != first.shape:
-            raise UserError(f"{job.path} is {pixels.shape[1]}x{pixels.shape[0]}, others are "
-                            f"{first.shape[1]}x{first.shape[0]}; an .npz needs one resolution")  # fmt: skip
-        arr[i] = pixels
+    first = _rgb_pixels(ordered[0].path)
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": (len(ordered), *first.shape)}
     path = out / NPZ_FILE
-    np.savez(path, arr_0=arr)
+    tmp = _tmp_path(path)
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive, \
+            archive.open("arr_0.npy", "w", force_zip64=True) as fh:
+        np.lib.format.write_array_header_1_0(fh, header)
+        for job in tqdm(ordered, desc="npz", unit="img", disable=not progress):
+            pixels = _rgb_pixels(job.path)
+            if pixels.shape != first.shape:
+                raise UserError(f"{job.path} is {pixels.shape[1]}x{pixels.shape[0]}, others are "
+                                f"{first.shape[1]}x{first.shape[0]}; an .npz needs one resolution")  # fmt: skip
+            fh.write(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes())
+    os.replace(tmp, path)
     return path
 
 
@@ -286,12 +371,15 @@ def run_sampling(
         out.mkdir(parents=True, exist_ok=True)
         if settings is not None:
             check_settings(out, settings)
-            (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+            _write_text_atomic(out / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
+        removed = remove_leftovers(out)
+        if removed:
+            print(f"vgen sample: removed {removed} temporary file(s) left by an interrupted run", file=sys.stderr)
     barrier(ctx)
     mine = list(jobs)[ctx.rank :: ctx.world_size]
-    skipped = sum(job.path.exists() for job in mine)
     start = time.perf_counter()
     written = generate_jobs(pipe, mine, batch_size, pipeline_kwargs, ctx.device, progress and ctx.is_main)
+    skipped = len(mine) - written
     seconds = time.perf_counter() - start
     barrier(ctx)
     report = SampleReport(len(jobs), written, skipped, seconds, ctx.rank, ctx.world_size)

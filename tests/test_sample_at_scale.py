@@ -127,6 +127,14 @@ def test_each_image_keeps_its_seed_whatever_the_batch_and_resume_skips(class_mod
     resumed = png_bytes(tmp_path / "b")
     assert resumed["000002.png"] == images["000002.png"] and resumed["000004.png"] != images["000004.png"]
 
+    # an empty or cut-off image left in the folder is made again, not trusted
+    (tmp_path / "b" / "000001.png").write_bytes(b"")
+    (tmp_path / "b" / "000003.png").write_bytes(images["000003.png"][:100])
+    report = run_sampling(pipe, tmp_path / "b", jobs_b, ctx, batch_size=1, pipeline_kwargs=SAMPLING, progress=False)
+    assert (report.written, report.skipped) == (2, 3)
+    resumed = png_bytes(tmp_path / "b")
+    assert resumed["000001.png"] == images["000001.png"] and resumed["000003.png"] == images["000003.png"]
+
     # resuming with other settings is refused
     settings = {"seed": 3, **SAMPLING}
     jobs_c = flat_jobs(tmp_path / "c", 1, seed=3, class_labels=[0])
@@ -140,6 +148,27 @@ def test_each_image_keeps_its_seed_whatever_the_batch_and_resume_skips(class_mod
     (tmp_path / "c" / "sample_config.json").write_text(json.dumps(settings))
     with pytest.raises(UserError, match="guidance_profile differ"):
         run_sampling(pipe, tmp_path / "c", jobs_c, ctx, 1, SAMPLING, settings={**settings, "guidance_profile": [1.0]})
+
+
+def test_resume_removes_leftovers_of_dead_writers_and_refuses_a_corrupt_settings_file(class_model, tmp_path):
+    pipe = load_pipeline(class_model, torch.device("cpu"))
+    ctx = setup_distributed()
+    out = tmp_path / "s"
+    jobs = flat_jobs(out, 2, seed=0, class_labels=[0])
+    out.mkdir()
+    dead = out / ".000000.png.4194999.tmp.png"  # above Linux's largest pid: no such process
+    alive = out / f".000007.png.{os.getpid()}.tmp.png"  # a writer still running
+    dead.write_bytes(b"half an image")
+    alive.write_bytes(b"being written")
+    settings = {"seed": 0, **SAMPLING}
+    run_sampling(pipe, out, jobs, ctx, 2, SAMPLING, settings=settings, npz=True, progress=False)
+    assert not dead.exists() and alive.exists()
+    assert np.load(out / "samples.npz")["arr_0"].shape == (2, 32, 32, 3)
+    (out / "sample_config.json").write_text('{"seed": 0, "top_k"')
+    before = png_bytes(out)
+    with pytest.raises(UserError, match="sample_config.json is corrupt .* delete it to resume"):
+        run_sampling(pipe, out, jobs, ctx, 2, SAMPLING, settings=settings, progress=False)
+    assert png_bytes(out) == before
 
 
 # ------------------------------------------------------------------------------------------------ two processes

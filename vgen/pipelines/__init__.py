@@ -32,24 +32,26 @@ def resolve_model_dir(model: str | Path | None) -> Path:
 def load_pipeline(model: str | Path | None = None, device=None):
     """Load a saved VAR pipeline folder (``model_index.json``), or the shipped default when ``model`` is None, onto
     ``device`` (default: CUDA if available, else CPU). Returns ``(pipeline, model_dir)``. The one loader the CLI
-    commands share: it turns a wrong folder into a :class:`UserError` and keeps diffusers' load chatter off stderr."""
-    import torch
+    commands share: it checks the folder first (:mod:`vgen.pipelines.folder_check`), turns what is wrong with it into a
+    :class:`UserError` and keeps diffusers' load chatter off stderr."""
     from diffusers.utils import logging as diffusers_logging
 
+    from vgen.devices import resolve_device
+    from vgen.pipelines.folder_check import check_pipeline_folder
     from vgen.pipelines.var import VARPipeline
 
     model_dir = resolve_model_dir(model)
-    if not model_dir.is_dir():
-        raise UserError(f"model folder not found: {model_dir} (pass a pipeline folder saved by vgen)")
-    if not (model_dir / "model_index.json").is_file():
-        raise UserError(f"{model_dir} is not a saved pipeline (no model_index.json); give a folder saved by vgen")
+    device = resolve_device(device)
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     try:
+        check_pipeline_folder(model_dir, required=("vqvae", "transformer"))
         pipe = VARPipeline.from_pretrained(str(model_dir))
+    except (OSError, RuntimeError, ValueError, TypeError, KeyError) as err:  # what the checks cannot foresee
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot load the pipeline in {model_dir}: {first_line[:300]}") from None
     finally:
         diffusers_logging.set_verbosity(verbosity)
         diffusers_logging.enable_progress_bar()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return pipe.to(device), model_dir

@@ -12,6 +12,8 @@ Text-conditional models take ``prompt=...`` instead of ``class_labels``. Load wi
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -22,7 +24,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 # a module that is already imported, so `VARPipeline.from_pretrained(dir)` must work in a fresh process.
 import vgen.models.text_encoder  # noqa: F401
 import vgen.tokenizers.msvq  # noqa: F401
-from vgen.errors import UserError
+from vgen.errors import UserError, excerpt
 from vgen.models.var import VAR, VARCondition
 from vgen.samplers.guidance import RAMP, GuidanceSchedule, check_profile, schedule_from_profile
 from vgen.samplers.next_scale import TokenSampling, generate_next_scale
@@ -46,6 +48,30 @@ def per_sample_generators(
             "(prompts x num_images_per_prompt) or a single generator"
         )
     return generators
+
+
+def check_sampling_values(sampling: dict) -> None:
+    """A :class:`UserError` for a sampling setting no image can be made with (checked before anything is generated;
+    a NaN guidance scale or an infinite temperature would otherwise make silent nonsense)."""
+    for name in ("guidance_scale", "temperature", "top_p"):
+        value = sampling[name]
+        if not (isinstance(value, numbers.Real) and math.isfinite(value)):
+            raise UserError(f"{name} must be a finite number, got {value!r}")
+    if sampling["temperature"] <= 0:
+        raise UserError(f"temperature must be > 0, got {sampling['temperature']} (use top_k=1 for greedy sampling)")
+    top_k, top_p = sampling["top_k"], sampling["top_p"]
+    if not isinstance(top_k, numbers.Integral) or top_k < 0 or not 0 <= top_p <= 1:
+        raise UserError(f"top_k must be an integer >= 0 and top_p in [0, 1], got top_k={top_k}, top_p={top_p}")
+
+
+def check_prompts(prompts: Sequence[str]) -> None:
+    """Every prompt must have words: an empty or blank one would silently give an unconditional image."""
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not any(ch.isalnum() for ch in prompt):
+            raise UserError(
+                f"prompt {i + 1} ({excerpt(str(prompt))}) has no words; give a prompt, or ask for unconditional "
+                "images explicitly (unconditional=True; vgen generate --unconditional)"
+            )
 
 
 class VARPipeline(DiffusionPipeline):
@@ -95,6 +121,7 @@ class VARPipeline(DiffusionPipeline):
                  "guidance_profile": guidance_profile}
         defaults = self.sampling_defaults()
         resolved = {name: defaults[name] if value is None else value for name, value in given.items()}
+        check_sampling_values(resolved)
         resolved["guidance_profile"] = self.check_guidance_profile(resolved["guidance_profile"])
         return resolved
 
@@ -109,12 +136,18 @@ class VARPipeline(DiffusionPipeline):
 
     def encode_condition(
         self, prompt: str | Sequence[str] | None, class_labels: int | Sequence[int] | torch.Tensor | None,
-        num_images_per_prompt: int,
+        num_images_per_prompt: int, unconditional: bool = False,
     ) -> tuple[VARCondition, list[str]]:
-        """The transformer's condition for every image and a caption per image (prompt or ``class N``)."""
+        """The transformer's condition for every image and a caption per image (prompt, ``class N`` or
+        ``unconditional``: the null prompt / null class, for ``num_images_per_prompt`` images)."""
         if num_images_per_prompt < 1:
             raise UserError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         transformer = self.transformer
+        if unconditional:
+            if prompt is not None or class_labels is not None:
+                raise UserError("unconditional images take no prompt and no class labels; give one or the other")
+            cond = transformer.null_condition(num_images_per_prompt)
+            return cond, ["unconditional"] * num_images_per_prompt
         if self.is_text_conditional:
             if class_labels is not None:
                 raise UserError("this model is text-conditional: pass a prompt, not class labels")
@@ -125,6 +158,7 @@ class VARPipeline(DiffusionPipeline):
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             if not prompts:
                 raise UserError("prompt list is empty")
+            check_prompts(prompts)
             prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
             ids_BT, mask_BT = self.text_encoder.tokenize(prompts)
             pooled_BD, tokens_BTD = self.text_encoder(ids_BT.to(self._device()), mask_BT.to(self._device()))
@@ -165,6 +199,7 @@ class VARPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        unconditional: bool = False,
     ):
         """Generate images.
 
@@ -184,16 +219,14 @@ class VARPipeline(DiffusionPipeline):
             generator: one ``torch.Generator`` per image (its random numbers do not depend on the batch) or one.
             output_type: ``"pil"``, ``"np"`` (B, H, W, 3) floats in [0, 1] or ``"pt"`` (B, 3, H, W) in [0, 1].
             return_dict: return :class:`ImagePipelineOutput` (else a tuple ``(images,)``).
+            unconditional: ``num_images_per_prompt`` images of the null prompt / null class (no prompt, no labels).
+                An empty or blank prompt is an error, so an unconditional image is never made by accident.
         """
         if output_type not in ("pil", "np", "pt"):
             raise UserError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         sampling = self.resolve_sampling(guidance_scale, top_k, top_p, temperature, guidance_profile)
         guidance_scale, top_k, top_p, temperature, guidance_profile = sampling.values()
-        if temperature <= 0:
-            raise UserError(f"temperature must be > 0, got {temperature} (use top_k=1 for greedy sampling)")
-        if top_k < 0 or not 0 <= top_p <= 1:
-            raise UserError(f"top_k must be >= 0 and top_p in [0, 1], got top_k={top_k}, top_p={top_p}")
-        cond, _captions = self.encode_condition(prompt, class_labels, num_images_per_prompt)
+        cond, _captions = self.encode_condition(prompt, class_labels, num_images_per_prompt, unconditional)
         batch_size = cond.cond_BD.shape[0]
         generators = per_sample_generators(generator, batch_size)
         out = generate_next_scale(
