@@ -27,10 +27,12 @@ def register(subparsers) -> None:
     )
     preview.add_argument("--world", choices=("shapes", "moving_shapes", "folder"), default="shapes")
     preview.add_argument("--path", default=None, help="image folder (for --world folder)")
-    preview.add_argument("--n", type=positive_int, default=None, help="how many samples (default 16 images or 4 videos)")
+    preview.add_argument("--n", type=positive_int, default=None,
+                         help="how many samples (default 16 images or 4 videos)")
     preview.add_argument("--resolution", type=positive_int, default=64, help="pixels per side (default 64)")
     preview.add_argument("--seed", type=seed, default=0, help="world seed (default 0)")
-    preview.add_argument("--frames", type=positive_int, default=8, help="frames per video for moving_shapes (default 8)")
+    preview.add_argument("--frames", type=positive_int, default=8,
+                         help="frames per video for moving_shapes (default 8)")
     preview.add_argument("--tag", default=None, help="shapes only: show one GenEval category, e.g. counting")
     preview.add_argument("--out", default="grid.png", help="output image file (.png/.jpg/.webp)")
     preview.set_defaults(func=run_preview)
