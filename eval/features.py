@@ -181,7 +181,7 @@ def array_features(
     check_image_array(images_NHW3, "images")
     loader = torch.utils.data.DataLoader(_ArrayImages(images_NHW3, extractor.fn_resize), batch_size=batch_size)
     feats = [get_batch_features(batch, extractor.fn, extractor.device)
-             for batch in tqdm(loader, desc=description, disable=not verbose)]
+             for batch in tqdm(loader, desc=description, disable=None if verbose else True)]
     return np.concatenate(feats).astype(np.float32, copy=False)
 
 
@@ -267,7 +267,8 @@ def folder_features(
     feats, skipped, wanted = [], 0, limit if limit is not None else len(files)
     have = 0
     try:
-        for batch, failed in tqdm(loader, desc=f"features {Path(folder).name}", disable=not verbose):
+        for batch, failed in tqdm(loader, desc=f"features {Path(folder).name}",
+                                  disable=None if verbose else True):
             for path, reason in failed:
                 warnings.warn(f"skipping unreadable image {path} ({reason})", stacklevel=2)
             skipped += len(failed)

@@ -199,7 +199,7 @@ def render_world(world: str, n: int, resolution: int, seed: int, verbose: bool =
 
     shapes = ShapesWorld(resolution=resolution, seed=seed)
     out = np.empty((n, resolution, resolution, 3), dtype=np.uint8)
-    for i in tqdm(range(n), desc=f"render {world} {resolution}px", disable=not verbose):
+    for i in tqdm(range(n), desc=f"render {world} {resolution}px", disable=None if verbose else True):
         out[i] = np.asarray(shapes.sample(i).image.convert("RGB"))
     return out
 

@@ -486,7 +486,7 @@ def evaluate_images(
     items = list_geneval_images(folder, max_prompts, max_samples)
     check_detector_classes(detector, (metadata for metadata, _ in items))
     results = []
-    for metadata, path in tqdm(items, desc="geneval", unit="img", disable=not progress):
+    for metadata, path in tqdm(items, desc="geneval", unit="img", disable=None if progress else True):
         with open_sample_image(path) as image:
             results.append(evaluate_image(image, metadata, detector, color_classifier, config, str(path)))
     return results

@@ -142,7 +142,11 @@ def load_prompts(spec: str) -> list[str]:
                 raise UserError(f"{path} line {line_no} has no 'prompt' (or 'text') string")
             prompts.append(text)
     else:
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"--metadata {path} is not UTF-8 text; give one prompt a line (or a .jsonl)") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"{path} holds no prompts")
     return prompts
@@ -171,6 +175,18 @@ def load_pipeline(model_dir: str | Path, device: torch.device):
     pipe, _ = load_saved_pipeline(model_dir, device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def check_conditions(pipe, jobs: Sequence[SampleJob]) -> None:
+    """Every distinct prompt / class label of ``jobs`` through the pipeline's condition check (``encode_condition``,
+    when it has one) before the first image is made: a bad prompt is one error, not a failure halfway."""
+    encode = getattr(pipe, "encode_condition", None)
+    if encode is None or not jobs:
+        return
+    if jobs[0].prompt is not None:
+        encode(list(dict.fromkeys(job.prompt for job in jobs)), None, 1)
+    else:
+        encode(None, list(dict.fromkeys(job.class_label for job in jobs)), 1)
 
 
 def _tmp_path(path: Path, suffix: str = "") -> Path:
@@ -245,7 +261,8 @@ def generate_jobs(
     progress: bool = True,
 ) -> int:
     """Make the images of ``jobs`` whose file is missing or unreadable, ``batch_size`` at a time, one generator per
-    image seeded with ``job.seed``. Returns the number of images written."""
+    image seeded with ``job.seed``. Returns the number of images written. (Progress bars, here and in the other
+    evaluation loops, show on terminals only.)"""
     from tqdm.auto import tqdm
 
     pending, broken = pending_jobs(jobs)
@@ -253,7 +270,7 @@ def generate_jobs(
         tqdm.write(f"vgen sample: warning: {broken} image file(s) in the folder are empty or unreadable; making them "
                    "again", file=sys.stderr)
     kwargs = {k: v for k, v in (pipeline_kwargs or {}).items() if v is not None}
-    with tqdm(total=len(pending), desc="sample", unit="img", disable=not progress) as bar:
+    with tqdm(total=len(pending), desc="sample", unit="img", disable=None if progress else True) as bar:
         for start in range(0, len(pending), batch_size):
             batch = pending[start : start + batch_size]
             generators = [torch.Generator(device=device).manual_seed(job.seed) for job in batch]
@@ -317,7 +334,7 @@ def write_npz(out: Path, jobs: Sequence[SampleJob], progress: bool = True) -> Pa
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive, \
             archive.open("arr_0.npy", "w", force_zip64=True) as fh:
         np.lib.format.write_array_header_1_0(fh, header)
-        for job in tqdm(ordered, desc="npz", unit="img", disable=not progress):
+        for job in tqdm(ordered, desc="npz", unit="img", disable=None if progress else True):
             pixels = _rgb_pixels(job.path)
             if pixels.shape != first.shape:
                 raise UserError(f"{job.path} is {pixels.shape[1]}x{pixels.shape[0]}, others are "
@@ -367,6 +384,7 @@ def run_sampling(
     """
     out = Path(out)
     ctx = ctx or setup_distributed()
+    check_conditions(pipe, jobs)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if settings is not None:

@@ -311,5 +311,5 @@ def test_missing_checkpoint_file_names_the_path(tmp_path):
     with pytest.raises(UserError, match="not found: .*vae_ch160v4096z32.pth"):
         load_official_var_vae(path)
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="could not read"):
+    with pytest.raises(UserError, match="cannot read VQVAE checkpoint: .*vae_ch160v4096z32.pth is not a readable"):
         load_official_var_vae(path)

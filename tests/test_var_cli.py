@@ -91,6 +91,18 @@ def test_generate_grid_and_per_image_seeds(converted, tmp_path, generator_seeds)
     assert (settings["seed"], settings["n"], settings["class_label"]) == (8, 1, [7])
 
 
+def test_generate_unconditional_images_and_rewrite_its_own_settings(converted, tmp_path):
+    args = ["generate", "--model", str(converted), "--unconditional", "--n", "3", "--seed", "2",
+            "--out", str(tmp_path / "u.png"), "--out-dir", str(tmp_path / "u")]
+    assert main(args) == 0
+    settings = json.loads((tmp_path / "u.json").read_text())
+    assert settings["unconditional"] is True and settings["written_by"] == "vgen generate"
+    assert sorted(p.name for p in (tmp_path / "u").glob("*.png")) == ["0000.png", "0001.png", "0002.png"]
+    first = (tmp_path / "u" / "0000.png").read_bytes()
+    assert main(args) == 0  # a second run replaces what the first one wrote
+    assert (tmp_path / "u" / "0000.png").read_bytes() == first
+
+
 def test_generate_in_a_fresh_process(converted, tmp_path):
     # A fresh interpreter has imported none of vgen's component modules; loading must still work.
     proc = subprocess.run(

@@ -8,6 +8,7 @@ says what the file is and what to do; torch's own advice to retry with ``weights
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,9 @@ def describe_load_failure(path: Path, err: Exception) -> str:
             f"{path} holds a Python object ({refused}) besides tensors, numbers, strings and containers; vgen does "
             "not load such files, because unpickling them can run code"
         )
-    if isinstance(err, EOFError) or "central directory" in message or "PytorchStreamReader" in message:
+    if isinstance(err, PermissionError):
+        return f"{path} cannot be opened (permission denied)"
+    if isinstance(err, (EOFError, OSError)) or "central directory" in message or "PytorchStreamReader" in message:
         return f"{path} is truncated or corrupt (not a complete PyTorch file)"
     first_line = next((line.strip() for line in message.splitlines() if line.strip()), "")
     if "Weights only load failed" in first_line or "Unsupported operand" in message:
@@ -62,11 +65,13 @@ def load_torch_file(
     if path.stat().st_size == 0:
         raise UserError(f"{what} {path} is empty (0 bytes): it was not written completely; use another copy")
     try:
-        if allowed_globals and hasattr(torch.serialization, "safe_globals"):
-            with torch.serialization.safe_globals(list(allowed_globals)):
+        with warnings.catch_warnings():  # torch's note on a pickle protocol it may not read: the result tells
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            if allowed_globals and hasattr(torch.serialization, "safe_globals"):
+                with torch.serialization.safe_globals(list(allowed_globals)):
+                    obj = torch.load(path, map_location="cpu", weights_only=True)
+            else:
                 obj = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch.load fails with many types (UnpicklingError, EOFError, ...)
         raise UserError(f"cannot read {what}: {describe_load_failure(path, err)}") from None
     if not isinstance(obj, expect):

@@ -3,8 +3,8 @@
 * argparse types: :func:`positive_int`, :func:`nonnegative_int`, :func:`finite_float` and :func:`seed` make a bad
   number an argparse error (one line, exit 2);
 * :func:`check_seed_range`: image i of a run uses seed ``--seed + i``, which must stay below 2**64;
-* output paths: :func:`check_image_output` (a known image extension, not a folder, a place that can be written) and
-  :func:`check_output_folder`; both are checked before anything is generated;
+* output paths: :func:`check_output_file` and :func:`check_image_output` (a known extension, not a folder, a place
+  that can be written) and :func:`check_output_folder`; they are checked before anything is generated;
 * :func:`check_own_file`: a side file vgen writes next to an output (settings JSON) may replace only a file vgen
   wrote, never one the user had.
 """
@@ -91,15 +91,22 @@ def check_writable_location(folder: Path, flag: str, given: Path | None = None) 
                         ) from None
 
 
-def check_image_output(path: str | Path, flag: str = "--out") -> Path:
-    """An image file to write: known extension, not a folder, in a writable place. Returns it as a Path."""
+def check_output_file(path: str | Path, flag: str, suffixes: tuple[str, ...] | None = None) -> Path:
+    """A file to write: not a folder, ending in one of ``suffixes`` (any name when None), in a writable place.
+    Returns it as a Path."""
     path = Path(path)
+    example = f"out{suffixes[0]}" if suffixes else "out.txt"
     if path.is_dir():
-        raise UserError(f"{flag} {path} is a folder; give an image file name such as {path / 'grid.png'}")
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise UserError(f"{flag} {path}: the file name must end in one of {', '.join(IMAGE_SUFFIXES)}")
+        raise UserError(f"{flag} {path} is a folder; give a file name such as {path / example}")
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise UserError(f"{flag} {path}: the file name must end in one of {', '.join(suffixes)}")
     check_writable_location(path.parent, flag, path)
     return path
+
+
+def check_image_output(path: str | Path, flag: str = "--out") -> Path:
+    """An image file to write (:func:`check_output_file` with :data:`IMAGE_SUFFIXES`)."""
+    return check_output_file(path, flag, IMAGE_SUFFIXES)
 
 
 def check_output_folder(path: str | Path, flag: str = "--out-dir") -> Path:

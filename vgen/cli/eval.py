@@ -64,7 +64,11 @@ def _run_fid(args: argparse.Namespace) -> int:
 
 
 def _run_fid_ref(args: argparse.Namespace) -> int:
+    from vgen.cli.checks import check_output_file
     from vgen.eval.fid import make_reference_stats
+
+    if args.out is not None:
+        check_output_file(args.out, "--out", (".npz",))
 
     path = make_reference_stats(
         world=args.world,

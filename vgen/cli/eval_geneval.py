@@ -69,12 +69,14 @@ def _select(metadata: list[dict], limit: int | None) -> list[dict]:
 
 def _generate_from_model(args: argparse.Namespace, metadata: list[dict], out: Path) -> bool:
     """Sample into ``out`` in GenEval layout; returns True on the rank that should score."""
+    from vgen.cli.checks import check_seed_range
     from vgen.cli.sample import sampling_kwargs
     from vgen.eval.geneval import write_prompt_metadata
     from vgen.eval.sample_at_scale import geneval_jobs, load_pipeline, run_sampling
     from vgen.pipelines import resolve_model_dir
     from vgen.train.distributed import barrier, setup_distributed, teardown_distributed
 
+    check_seed_range(args.seed, len(metadata) * args.images_per_prompt)
     model_dir = resolve_model_dir(args.model)
     ctx = setup_distributed()
     try:
@@ -96,6 +98,7 @@ def _generate_from_model(args: argparse.Namespace, metadata: list[dict], out: Pa
 
 
 def _run(args: argparse.Namespace) -> int:
+    from vgen.cli.checks import check_output_file, check_output_folder
     from vgen.eval.geneval import (
         build_detector,
         check_detector_classes,
@@ -109,6 +112,10 @@ def _run(args: argparse.Namespace) -> int:
 
     detector_spec = _detector_spec(args)
     config = _official_options(args)
+    if args.results is not None:
+        check_output_file(args.results, "--results")
+    if args.out is not None:
+        check_output_folder(args.out, "--out")
     # Built before any sampling so that a broken plug-in fails fast.
     detector = build_detector(detector_spec)
     color_classifier = load_plugin(args.color_classifier, "colour classifier") if args.color_classifier else None

@@ -22,6 +22,7 @@ def _run(args: argparse.Namespace) -> int:
     task_cfg, train_cfg = load_run_config(args.task, args.config, args.set)
     if args.out is not None:
         train_cfg.out_dir = str(args.out)
+    train_cfg.validate()  # before the task loads its data and models
     train(task_class(task_cfg), train_cfg, resume=args.resume, progress=not args.no_progress)
     return 0
 

@@ -106,23 +106,24 @@ def checkpoint_files(ckpt_dir: Path) -> list[Path]:
 
 
 def newest_readable_checkpoint(ckpt_dir: Path, warn: Callable[[str], None]) -> tuple[Path, dict] | None:
-    """``(path, state)`` of the newest checkpoint in ``ckpt_dir`` that reads, skipping (with ``warn``) those that do
-    not; None when there is none at all. A :class:`UserError` when every one fails, so a resume never silently
-    restarts a run that has checkpoints."""
+    """``(path, state)`` of the newest checkpoint in ``ckpt_dir`` that reads; the newer ones that do not are named
+    with ``warn``. None when there is no checkpoint at all. A :class:`UserError` when every one fails, so a resume
+    never silently restarts a run that has checkpoints."""
     files = checkpoint_files(ckpt_dir)
     failures = []
     for path in files:
         try:
             state = load_checkpoint(path)
         except UserError as err:
-            failures.append(str(err))
-            warn(f"warning: skipping checkpoint {path.name}: {err}")
+            failures.append((path, str(err)))
             continue
+        for skipped, reason in failures:
+            warn(f"warning: skipping checkpoint {skipped.name}: {reason}")
         return path, state
     if files:
         raise UserError(
-            f"none of the {len(files)} checkpoints in {ckpt_dir} can be read ({failures[0]}); nothing was changed: "
-            "restore a checkpoint from a backup, or start a new run with another --out"
+            f"none of the {len(files)} checkpoints in {ckpt_dir} can be read ({failures[0][1]}); nothing was "
+            "changed: restore a checkpoint from a backup, or start a new run with another --out"
         )
     return None
 

@@ -71,6 +71,8 @@ from vgen.train.task import TrainTask
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: Seeds of a run: ``train.seed`` plus rank and step offsets must stay a 64-bit seed.
+MAX_TRAIN_SEED = 2**63
 #: ``train.`` settings a resumed run may change: they decide how long it runs and what it writes, not what it computes.
 RESUMABLE_CHANGES = ("steps", "max_seconds", "out_dir", "num_workers", "log_every", "ckpt_every", "sample_every",
                      "keep_checkpoints")
@@ -133,6 +135,8 @@ class TrainConfig:
                 raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"train.ema_decay must be in [0, 1) (0 turns EMA off), got {self.ema_decay}")
+        if not (isinstance(self.seed, int) and 0 <= self.seed < MAX_TRAIN_SEED):
+            raise UserError(f"train.seed must be an integer from 0 to {MAX_TRAIN_SEED - 1}, got {self.seed!r}")
         if self.max_seconds < 0:
             raise UserError(f"train.max_seconds must be >= 0 (0 = no limit), got {self.max_seconds}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -229,7 +233,7 @@ def step_batches(dataset: Dataset, cfg: TrainConfig, ctx: DistContext, start_ste
     """An endless iterator of (collated) batches for the steps after ``start_step``; see :class:`StepIndices`."""
     # Worker seeds come from this generator, not from the global RNG, so creating the loader (at the start or at a
     # resume point) leaves the training RNG streams untouched.
-    worker_seeds = torch.Generator().manual_seed((cfg.seed * 1_000_003 + start_step) * 4099 + ctx.rank)
+    worker_seeds = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + start_step) * 4099 + ctx.rank) % 2**64)
     loader = DataLoader(
         dataset,
         batch_size=cfg.batch_size,
@@ -372,7 +376,8 @@ def train(task: TrainTask, cfg: TrainConfig, resume: bool = False, progress: boo
     """Train ``task``'s model with settings ``cfg``; return the metrics of the final log step.
 
     Runs as one process, or as every rank of a ``torchrun`` job (DDP; only rank 0 logs and saves). With
-    ``resume=True`` the run continues from ``out_dir/checkpoints/latest.pt`` if there is one.
+    ``resume=True`` the run continues from the newest checkpoint in ``out_dir/checkpoints`` that reads, if there is
+    one. Ctrl-C / SIGTERM stops it after the current step with a checkpoint (:class:`TrainingInterrupted`).
     """
     cfg.validate()
     ctx = setup_distributed()
