@@ -232,3 +232,18 @@ def test_saved_guidance_profile_drives_calls_and_cli(tmp_path):
     assert not (tmp_path / "bad.png").exists()
     with pytest.raises(SystemExit):  # argparse: not numbers
         main(["generate", "--model", str(tmp_path / "m"), "--class-label", "1", "--guidance-profile", "high"])
+
+
+def test_a_pipeline_with_sharded_weights_passes_the_folder_check(tmp_path):
+    from vgen.pipelines import load_pipeline
+
+    torch.manual_seed(0)
+    var = VAR(vocab_size=512, Cvae=32, depth=1, embed_dim=64, num_heads=1, num_classes=10)
+    VARPipeline(vqvae=tiny_vqvae(), transformer=var).save_pretrained(str(tmp_path / "m"), max_shard_size="50KB")
+    shards = sorted((tmp_path / "m" / "transformer").glob("*.safetensors"))
+    assert len(shards) > 1
+    pipe, _ = load_pipeline(tmp_path / "m", "cpu")
+    assert all(torch.equal(v, var.state_dict()[k]) for k, v in pipe.transformer.state_dict().items())
+    shards[0].unlink()
+    with pytest.raises(UserError, match="is missing: the folder has no weights for transformer"):
+        load_pipeline(tmp_path / "m", "cpu")

@@ -54,9 +54,20 @@ def listed_components(index: dict) -> dict[str, tuple[str, str] | None]:
 
 
 def saved_shapes(path: Path) -> dict[str, torch.Tensor]:
-    """Names and shapes (as meta tensors) of the tensors in a safetensors file, read from its header only."""
+    """Names and shapes (as meta tensors) of the tensors in a safetensors file, read from its header only; a
+    component saved in shards (``<name>.index.json`` beside ``path``) reads every shard it lists."""
     from safetensors import SafetensorError, safe_open
 
+    index = path.with_name(path.name + ".index.json")
+    if not path.is_file() and index.is_file():
+        weight_map = read_json_object(index, "the weights index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"the weights index {index} has no weight_map of file names; copy the whole pipeline "
+                            "folder again")
+        shapes: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            shapes.update(saved_shapes(path.with_name(shard)))
+        return shapes
     if not path.is_file():
         raise UserError(f"{path} is missing: the folder has no weights for {path.parent.name}; copy the whole "
                         "pipeline folder again")
