@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import time
 import zipfile
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vgen.atomic_files import remove_leftovers, temporary_path, write_text_atomic
 from vgen.errors import UserError
 from vgen.memory import check_fits_in_memory
 from vgen.train.distributed import DistContext, barrier, setup_distributed
@@ -40,8 +40,6 @@ MANIFEST_FILE = "manifest.jsonl"
 NPZ_FILE = "samples.npz"
 #: Bytes a job description takes in memory (generously): what :func:`flat_jobs` checks a huge ``--n`` against.
 JOB_BYTES = 1024
-#: Temporary files of the atomic writes: ``.<name>.<pid>.tmp`` (+ ``.png`` for images).
-_TMP_NAME = re.compile(r"^\..+\.(\d+)\.tmp(\.png)?$")
 
 
 @dataclass(frozen=True)
@@ -189,45 +187,11 @@ def check_conditions(pipe, jobs: Sequence[SampleJob]) -> None:
         encode(None, list(dict.fromkeys(job.class_label for job in jobs)), 1)
 
 
-def _tmp_path(path: Path, suffix: str = "") -> Path:
-    """Where ``path`` is written before it is renamed into place (named after this process, see
-    :func:`remove_leftovers`)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
-
-
 def _save_atomic(image: Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path, ".png")
+    tmp = temporary_path(path, ".png")
     image.save(tmp, format="PNG")
     os.replace(tmp, path)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = _tmp_path(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_leftovers(out: Path) -> int:
-    """Delete the temporary files that processes no longer running left under ``out`` (a run killed mid-write);
-    those of a process still writing are kept. Returns how many were removed."""
-    removed = 0
-    for path in out.rglob(".*.tmp*"):
-        match = _TMP_NAME.match(path.name)
-        if match and path.is_file() and not _process_alive(int(match.group(1))):
-            path.unlink(missing_ok=True)
-            removed += 1
-    return removed
 
 
 def image_is_complete(path: Path) -> bool:
@@ -311,7 +275,7 @@ def check_settings(out: Path, settings: dict) -> None:
 def write_manifest(out: Path, jobs: Sequence[SampleJob]) -> Path:
     path = out / MANIFEST_FILE
     entries = (json.dumps(job.manifest_entry(out)) + "\n" for job in sorted(jobs, key=lambda j: j.index))
-    _write_text_atomic(path, "".join(entries))
+    write_text_atomic(path, "".join(entries))
     return path
 
 
@@ -330,7 +294,7 @@ def write_npz(out: Path, jobs: Sequence[SampleJob], progress: bool = True) -> Pa
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
               "shape": (len(ordered), *first.shape)}
     path = out / NPZ_FILE
-    tmp = _tmp_path(path)
+    tmp = temporary_path(path)
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive, \
             archive.open("arr_0.npy", "w", force_zip64=True) as fh:
         np.lib.format.write_array_header_1_0(fh, header)
@@ -389,10 +353,10 @@ def run_sampling(
         out.mkdir(parents=True, exist_ok=True)
         if settings is not None:
             check_settings(out, settings)
-            _write_text_atomic(out / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
-        removed = remove_leftovers(out)
+            write_text_atomic(out / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
+        removed = remove_leftovers(out, recursive=True)
         if removed:
-            print(f"vgen sample: removed {removed} temporary file(s) left by an interrupted run", file=sys.stderr)
+            print(f"vgen sample: removed {len(removed)} temporary file(s) left by an interrupted run", file=sys.stderr)
     barrier(ctx)
     mine = list(jobs)[ctx.rank :: ctx.world_size]
     start = time.perf_counter()

@@ -166,14 +166,15 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
 def test_the_leftovers_of_a_killed_run_are_cleaned_up_on_resume(tmp_path, capsys):
     out = tmp_path / "run"
     train(ToyTask(ToyConfig()), _config(out, steps=10, ckpt_every=5), progress=False)
-    (out / "checkpoints" / "step_0000015.pt.tmp").write_bytes(b"half a checkpoint")
-    (out / "log.jsonl.tmp").write_text("{}")
+    dead_pid = 4194999  # above Linux's largest pid: no such process
+    (out / "checkpoints" / f".step_0000015.pt.{dead_pid}.tmp").write_bytes(b"half a checkpoint")
+    (out / f".log.jsonl.{dead_pid}.tmp").write_text("{}")
     with open(out / "log.jsonl", "a") as fh:
         fh.write('{"step": 11, "lr": 0.00')  # killed in the middle of a line
     capsys.readouterr()
     train(ToyTask(ToyConfig()), _config(out, steps=12, ckpt_every=5), resume=True, progress=False)
     err = capsys.readouterr().err
-    assert "removed step_0000015.pt.tmp" in err and "removed log.jsonl.tmp" in err
+    assert f"removed .step_0000015.pt.{dead_pid}.tmp" in err and f"removed .log.jsonl.{dead_pid}.tmp" in err
     assert "dropping line 11 of" in err
     assert not list(out.rglob("*.tmp"))
     assert [r["step"] for r in _log(out)] == list(range(1, 13))

@@ -6,8 +6,9 @@ Layout under a run's ``out_dir``::
     checkpoints/step_0000100.pt   # one file per saved step
     checkpoints/latest.pt         # the newest one (a hard link when the file system allows, else a copy)
 
-Every file is written to ``<name>.tmp`` first and moved into place with ``os.replace``, so a crash mid-write never
-leaves a truncated checkpoint behind (only a ``.tmp`` file, removed when the run starts again). A checkpoint holds
+Every file is written to a temporary name first and moved into place with ``os.replace``
+(:mod:`vgen.atomic_files`), so a crash mid-write never leaves a truncated checkpoint behind, only a temporary file
+that the next start removes. A checkpoint holds
 tensors, numbers, strings and plain containers only, and is read with ``torch.load(weights_only=True)``: a planted
 file cannot run code when a run resumes.
 """
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vgen.atomic_files import temporary_path
 from vgen.errors import UserError
 from vgen.torch_files import load_torch_file
 
@@ -38,14 +40,14 @@ def step_filename(step: int) -> str:
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` to ``path`` so that readers see either the old file or the complete new one."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_path(path)
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
 def _point_latest_at(path: Path) -> None:
     latest = path.with_name(LATEST)
-    tmp = latest.with_name(LATEST + ".tmp")
+    tmp = temporary_path(latest)
     tmp.unlink(missing_ok=True)
     try:
         os.link(path, tmp)

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
+from vgen.atomic_files import remove_leftovers
 from vgen.config import save_config, to_dict
 from vgen.errors import UserError
 from vgen.train.checkpoint import (
@@ -65,7 +66,7 @@ from vgen.train.distributed import (
     teardown_distributed,
 )
 from vgen.train.ema import EMA
-from vgen.train.run_folder import RunLock, read_log, remove_leftovers, rewind_log
+from vgen.train.run_folder import RunLock, read_log, rewind_log
 from vgen.train.stop import StopRequest, TrainingInterrupted, ignore_interrupts
 from vgen.train.task import TrainTask
 
@@ -345,7 +346,7 @@ def _prepare_run_folder(out_dir: Path, lock: RunLock, run_config: dict, resume: 
     checkpoint to resume from, or None to start at step 0."""
     ckpt_dir, log_path = out_dir / "checkpoints", out_dir / "log.jsonl"
     lock.acquire()
-    for path in remove_leftovers([out_dir, ckpt_dir]):
+    for path in [*remove_leftovers(out_dir), *remove_leftovers(ckpt_dir)]:
         say(f"removed {path.name}, left by an interrupted write")
     found = None
     if resume:

@@ -4,7 +4,6 @@
   run (or a second ``--resume``) in the same folder stops with one line instead of interleaving its log with the
   first and tripping over its temporary files. The operating system drops the lock when a run dies, even by
   ``kill -9``, so a stale lock never blocks a resume.
-* :func:`remove_leftovers` deletes the ``*.tmp`` files an interrupted atomic write leaves behind.
 * :func:`read_log` reads ``log.jsonl``; a line a killed run left half-written is dropped with a warning.
 """
 
@@ -15,6 +14,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from vgen.atomic_files import write_text_atomic
 from vgen.errors import UserError
 
 LOCK_FILE = ".vgen-train.lock"
@@ -81,17 +81,6 @@ class RunLock:
             self._fd = None
 
 
-def remove_leftovers(folders: list[Path]) -> list[Path]:
-    """Delete the ``*.tmp`` files of interrupted atomic writes directly inside ``folders``; returns what went."""
-    removed = []
-    for folder in folders:
-        if folder.is_dir():
-            for path in sorted(folder.glob("*.tmp")):
-                path.unlink(missing_ok=True)
-                removed.append(path)
-    return removed
-
-
 def read_log(log_path: Path, warn: Callable[[str], None]) -> list[dict]:
     """The records of ``log.jsonl``; lines that are not JSON objects with a step (a half-written last line after a
     kill) are dropped with a warning."""
@@ -117,7 +106,5 @@ def rewind_log(log_path: Path, step: int, warn: Callable[[str], None]) -> list[d
     rewriting the file atomically; returns the kept records."""
     kept = [record for record in read_log(log_path, warn) if record["step"] <= step]
     if log_path.is_file():
-        tmp = log_path.with_name(log_path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
-        os.replace(tmp, log_path)
+        write_text_atomic(log_path, "".join(json.dumps(record) + "\n" for record in kept))
     return kept
