@@ -21,6 +21,7 @@ lets the loop skip the unconditional pass altogether. The same object works on l
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -62,7 +63,7 @@ class ProfileCFG:
 
     def __post_init__(self):
         object.__setattr__(self, "profile", tuple(float(p) for p in self.profile))
-        if not self.profile or any(p < 0 for p in self.profile):
+        if not self.profile or not all(math.isfinite(p) and p >= 0 for p in self.profile):
             raise ValueError(f"a guidance profile needs one entry >= 0 per step, got {list(self.profile)}")
 
     def weight(self, guidance_scale: float, step: int, num_steps: int) -> float:
@@ -107,10 +108,10 @@ def check_profile(profile: str | Sequence[float], num_steps: int) -> str | list[
     if isinstance(profile, str) and profile == RAMP:
         return RAMP
     shares = [] if isinstance(profile, str) else [float(share) for share in profile]
-    if len(shares) != num_steps or any(share < 0 for share in shares):
+    if len(shares) != num_steps or not all(math.isfinite(share) and share >= 0 for share in shares):
         raise ValueError(
-            f"guidance profile {profile!r} does not fit: give {num_steps} shares >= 0, one per generation step, or "
-            f"{RAMP!r} for VAR's ramp"
+            f"guidance profile {profile!r} does not fit: give {num_steps} shares >= 0, one per generation step (finite "
+            f"numbers), or {RAMP!r} for VAR's ramp"
         )
     return shares
 
@@ -123,10 +124,12 @@ def parse_guidance_profile(text: str) -> str | list[float]:
     try:
         shares = [float(part) for part in text.split(",")]
     except ValueError:
+        shares = []
+    if not shares or not all(math.isfinite(share) for share in shares):
         raise ValueError(
-            f"guidance profile {text!r} is neither {RAMP!r} nor comma-separated numbers "
+            f"guidance profile {text[:60]!r} is neither {RAMP!r} nor comma-separated finite numbers "
             "(e.g. 0.5,0.75,1,1,1,0.75,0.75)"
-        ) from None
+        )
     return shares
 
 
