@@ -12,11 +12,18 @@ lets the loop skip the unconditional pass altogether. The same object works on l
   and ``1 + guidance_scale`` at the last. ``guidance_scale`` here is exactly official VAR's ``cfg`` (1.5 in its
   README), and ``guidance_scale = 0`` turns guidance off.
 - :class:`ConstantCFG` is the diffusers convention: ``w_k = guidance_scale`` at every step, ``1`` turns it off.
+- :class:`WeightRampCFG` is the FlowAR / xAR / MAR ramp: ``w_k = 1 + (guidance_scale - 1) * k / (K - 1)``, so the
+  first unit is unguided and the last one gets ``w = guidance_scale`` (official FlowAR's and xAR's ``cfg``; ``1``
+  turns it off).
 - :class:`ProfileCFG` gives each step its own share of the strength: ``t_k = guidance_scale * profile[k]``. VAR's
   ramp is the profile ``k / (K - 1)``; a trained model may store another one (e.g. most guidance on the coarse
   scales, where a next-scale model places objects and gives them colours) as its pipeline's default.
 - :class:`IntervalCFG` wraps a schedule and switches guidance off outside a step interval (LlamaGen's
-  ``cfg_interval``, FlowAR's t-interval).
+  ``cfg_interval``). FlowAR's interval is over flow time inside one unit's integration, not over AR steps: it lives
+  in :mod:`vgen.samplers.flow_cfg`.
+
+Two combination expressions exist because official code evaluates them in different orders (equal in exact
+arithmetic, not bit for bit): :func:`combine_cfg` (VAR) and :func:`combine_cfg_difference` (FlowAR, xAR, LlamaGen).
 """
 
 from __future__ import annotations
@@ -50,6 +57,18 @@ class ConstantCFG:
 
     def weight(self, guidance_scale: float, step: int, num_steps: int) -> float:
         return float(guidance_scale)
+
+
+@dataclass(frozen=True)
+class WeightRampCFG:
+    """FlowAR / xAR / MAR ramp: ``w_k = (guidance_scale - 1) * k / (num_steps - 1) + 1``, evaluated in the order the
+    official code does, so FlowAR's ``cfg=2.4`` over 5 scales gives exactly ``[1, 1.35, 1.7, 2.05, 2.4]`` and xAR's
+    ``cfg=2.7`` over 4 cells ``[1, 1.5667, 2.1333, 2.7]``. ``num_steps = 1`` gives ``w = guidance_scale``."""
+
+    def weight(self, guidance_scale: float, step: int, num_steps: int) -> float:
+        if num_steps == 1:
+            return float(guidance_scale)
+        return (guidance_scale - 1) * step / (num_steps - 1) + 1
 
 
 @dataclass(frozen=True)
@@ -144,6 +163,13 @@ def combine_cfg(cond: torch.Tensor, uncond: torch.Tensor, weight: float) -> torc
         return cond
     t = weight - 1.0
     return (1 + t) * cond - t * uncond
+
+
+def combine_cfg_difference(cond: torch.Tensor, uncond: torch.Tensor, weight: float) -> torch.Tensor:
+    """``uncond + weight * (cond - uncond)`` (the expression official FlowAR, xAR and LlamaGen evaluate)."""
+    if weight == 1.0:
+        return cond
+    return uncond + weight * (cond - uncond)
 
 
 def apply_cfg(
