@@ -15,9 +15,12 @@ from typing import Any
 
 import torch
 from einops import rearrange
+
+from vgen.errors import UserError
 from vgen.samplers.guidance import GuidanceSchedule, LinearRampCFG, combine_cfg, guidance_is_off
 from vgen.samplers.interfaces import NextScaleModel, ResidualQuantizer
 from vgen.samplers.logits import Generators, more_smooth_weights, sample_from_logits
+from vgen.samplers.step_end import StepEnd
 
 
 @dataclass
@@ -61,6 +64,7 @@ def generate_next_scale(
     on_scale: ScaleCallback | None = None,
     progress: Callable[[Sequence[int]], Sequence[int]] | None = None,
     keep_logits: bool = False,
+    on_step_end: StepEnd | None = None,
 ) -> NextScaleOutput:
     """Generate ``batch_size`` token pyramids.
 
@@ -77,6 +81,12 @@ def generate_next_scale(
         on_scale: optional callback, see :data:`ScaleCallback`.
         progress: wraps the scale iterator (e.g. a pipeline's ``progress_bar``).
         keep_logits: also return the guided, unfiltered logits of every scale (for tests and verifiers).
+        on_step_end: called once scale ``si`` is complete as ``on_step_end(si, pn_si, tensors)`` with ``idx_Bl``
+            (B, pn^2) int64, the scale's tokens; ``f_hat`` (B, Cvae, H, W), the features of scales <= si; and
+            ``logits_BlV`` (B, pn^2, V) float32, the guided logits before filtering. A returned replacement of
+            ``idx_Bl`` is applied instead of the sampled tokens (``f_hat`` is recomputed from them and the next
+            scales condition on them); the loop stops after the scale when ``on_step_end.interrupted``, returning
+            the scales made so far (see :mod:`vgen.samplers.step_end`).
     """
     guidance_schedule = guidance_schedule if guidance_schedule is not None else LinearRampCFG()
     sampling = sampling if sampling is not None else TokenSampling()
@@ -120,11 +130,30 @@ def generate_next_scale(
         else:
             h_BlC = quantizer.embedding(idx_Bl)
         h_BChw = rearrange(h_BlC, "B (h w) C -> B C h w", h=pn, w=pn).to(f_hat.dtype)
+        f_before = f_hat.clone() if on_step_end is not None else None  # the update is in place
         f_hat, next_input = quantizer.get_next_autoregressive_input(si, num_scales, f_hat, h_BChw)
+        if on_step_end is not None:
+            tensors = on_step_end(si, pn, {"idx_Bl": idx_Bl, "f_hat": f_hat, "logits_BlV": logits_BlV})
+            if tensors["idx_Bl"] is not idx_Bl:
+                idx_Bl = _checked_tokens(tensors["idx_Bl"], idx_Bl, codebook_VC.shape[0])
+                h_BChw = rearrange(quantizer.embedding(idx_Bl), "B (h w) C -> B C h w", h=pn, w=pn).to(f_hat.dtype)
+                f_hat, next_input = quantizer.get_next_autoregressive_input(si, num_scales, f_before, h_BChw)
         all_idx.append(idx_Bl)
+        if on_step_end is not None and on_step_end.interrupted:
+            break
 
         if si + 1 < num_scales:
             token_map_BlC = model.embed_scale_input(si + 1, next_input)
             if use_cfg:
                 token_map_BlC = token_map_BlC.repeat(2, 1, 1)
     return NextScaleOutput(idx_Bl=all_idx, f_hat=f_hat, logits_BlV=all_logits)
+
+
+def _checked_tokens(replaced: torch.Tensor, sampled_Bl: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """A callback's replacement tokens for a scale: integers in [0, V) on the sampled tokens' device."""
+    if replaced.is_floating_point() or replaced.is_complex():
+        raise UserError(f"a callback's replacement idx_Bl must hold integer token ids, got {replaced.dtype}")
+    replaced = replaced.to(device=sampled_Bl.device, dtype=torch.long)
+    if replaced.numel() and (int(replaced.min()) < 0 or int(replaced.max()) >= vocab_size):
+        raise UserError(f"a callback's replacement idx_Bl holds token ids outside [0, {vocab_size})")
+    return replaced
