@@ -63,15 +63,18 @@ def required_components(pipeline_class: type) -> list[str]:
     return sorted(name for name in expected if name not in skip)
 
 
-def load_pipeline(model: str | Path | None = None, device=None):
+def load_pipeline(model: str | Path | None = None, device=None, dtype=None):
     """Load a saved pipeline folder of any registered family (``model_index.json``'s ``_class_name``, see
     :mod:`vgen.pipelines.registry`), or the shipped default when ``model`` is None, onto ``device`` (default: CUDA
-    if available, else CPU). Returns ``(pipeline, model_dir)``. The one loader the CLI commands share: it checks the
-    folder first (:mod:`vgen.pipelines.folder_check`), turns what is wrong with it into a :class:`UserError` and
-    keeps diffusers' load chatter off stderr."""
+    if available, else CPU), in ``dtype`` (default: float32, whatever the stored dtype). Returns ``(pipeline,
+    model_dir)``. The one loader the CLI commands share: it checks the folder first
+    (:mod:`vgen.pipelines.folder_check`; a folder whose weights exist as one variant only, ``*.fp16.safetensors``,
+    loads that variant), turns what is wrong with it into a :class:`UserError` and keeps diffusers' load chatter
+    off stderr."""
     from diffusers.utils import logging as diffusers_logging
 
     from vgen.devices import resolve_device
+    from vgen.pipelines.base import only_variant
     from vgen.pipelines.folder_check import check_pipeline_folder
     from vgen.pipelines.registry import load_pipeline_class
 
@@ -82,8 +85,9 @@ def load_pipeline(model: str | Path | None = None, device=None):
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     try:
-        check_pipeline_folder(model_dir, required=required_components(pipeline_class))
-        pipe = pipeline_class.from_pretrained(str(model_dir))
+        variant = only_variant(model_dir)
+        check_pipeline_folder(model_dir, required=required_components(pipeline_class), variant=variant)
+        pipe = pipeline_class.from_pretrained(str(model_dir), **({"dtype": dtype} if dtype is not None else {}))
     except (OSError, RuntimeError, ValueError, TypeError, KeyError) as err:  # what the checks cannot foresee
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"cannot load the pipeline in {model_dir}: {first_line[:300]}") from None

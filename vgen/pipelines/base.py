@@ -1,15 +1,49 @@
 """What every vgen pipeline shares: declared sampling options with per-model saved defaults, turning prompts or
-class labels into the generator's condition, per-image generators and diffusers-style outputs.
+class labels into the generator's condition, per-image generators, diffusers-style outputs and the diffusers
+conventions (step callbacks, latent output, progress bars, dtype-keeping saves with model cards, quiet loading).
 
 A family's pipeline is ``class XPipeline(VGenPipeline)``: a :class:`diffusers.DiffusionPipeline` whose
 ``sampling_options`` come from its :mod:`vgen.pipelines.registry` entry. Its ``__init__`` registers its modules and
 calls :meth:`VGenPipeline.register_sampling_defaults` with the values it was given, so ``save_pretrained`` writes
 them into ``model_index.json`` (``default_<name>``) and ``from_pretrained`` gives them back.
+
+**Adopting the diffusers conventions in a family** (VARPipeline is the worked example):
+
+1. Class attributes: ``_callback_tensor_inputs`` (the step tensors a callback may read, e.g. VAR's
+   ``["idx_Bl", "f_hat", "logits_BlV"]``), ``_callback_writable_tensor_inputs`` (the ones it may replace; the loop
+   re-applies the step with them), ``_default_callback_tensor_inputs`` (what a callback gets when
+   ``callback_on_step_end_tensor_inputs`` is left out) and ``latent_description`` (one sentence: what
+   ``output_type="latent"`` returns; "" = no latent output).
+2. ``__call__`` takes ``callback_on_step_end=None, callback_on_step_end_tensor_inputs=None`` and ``output_type``;
+   it calls ``self.check_output_type(output_type)``, then ``hook = self.step_callback(callback_on_step_end,
+   callback_on_step_end_tensor_inputs, num_steps)`` (checks the names, resets ``pipe._interrupt``) and hands
+   ``hook`` to its sampling loop as ``on_step_end`` (:class:`vgen.samplers.step_end.StepEnd`: the loop calls
+   ``tensors = hook(step_index, timestep, tensors)`` after each step, re-applies replaced tensors, and stops when
+   ``hook.interrupted``). It passes ``progress=self.progress_bar`` to the loop (so ``set_progress_bar_config``
+   works) and ``generators=self.generators_for(generator, batch_size)`` (the seed mapping below).
+3. ``output_type="latent"``: return ``self.latent_output(latents, return_dict)`` before decoding, and implement
+   ``latents_to_images(latents) -> (B, 3, H, W)`` in [0, 1]; ``pipe.decode_latents(latents, output_type)`` then
+   turns latent output into the images the same call would have returned.
+4. Optionally ``card_facts()`` (family facts for the model card, e.g. resolution). Saving with dtypes and variants,
+   model cards, quiet loading (no accelerate warning), ``dtype=`` on every diffusers version and the
+   ``enable_model_cpu_offload`` message come by inheritance.
+
+**Seeds.** ``generator`` is one ``torch.Generator`` per image (image i uses ``generator[i]``), or one generator:
+seeded ``s`` it gives image i the stream of seed ``s + i`` (what ``vgen generate --seed s`` does) and is left at
+``manual_seed(s + B)`` for the next call; see :mod:`vgen.samplers.seeding`. Images are ordered prompt by prompt,
+``num_images_per_prompt`` consecutive images each.
+
+**Saving.** ``save_pretrained(dir, variant=None, dtype=None)`` keeps each component's dtype (weights loaded from
+fp16 files and unchanged are written as fp16 again), casts on request (``dtype=torch.float16``; ``variant="fp16"``
+names the files as diffusers does and writes fp16), and writes ``README.md``, a model card from the pipeline and
+``pipe.model_card`` (:class:`vgen.pipelines.model_card.ModelCardInfo`: what it is, training, scores, licence).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -18,10 +52,14 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 
 from vgen.errors import UserError, excerpt
 from vgen.models.conditioning import Condition
+from vgen.pipelines.model_card import ModelCardInfo, read_card_info, write_model_card
 from vgen.pipelines.registry import PIPELINES, SamplingOption
+from vgen.pipelines.step_callbacks import StepCallbackHook, step_callback_hook
 from vgen.samplers.seeding import per_sample_generators
 
-OUTPUT_TYPES = ("pil", "np", "pt")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+#: extra that brings accelerate (fast, low-memory loading of large checkpoints)
+ACCELERATE_EXTRA = "pip install 'vgen[accelerate]'"
 
 
 class VGenPipeline(DiffusionPipeline):
@@ -30,6 +68,13 @@ class VGenPipeline(DiffusionPipeline):
 
     #: the registry entry's options (set from the registry by subclasses: ``sampling_options = options_of(...)``)
     sampling_options: ClassVar[tuple[SamplingOption, ...]] = ()
+    #: the step tensors ``callback_on_step_end`` may read (diffusers' attribute), those it may replace, and what it
+    #: gets when ``callback_on_step_end_tensor_inputs`` is left out
+    _callback_tensor_inputs: ClassVar[list[str]] = []
+    _callback_writable_tensor_inputs: ClassVar[tuple[str, ...]] = ()
+    _default_callback_tensor_inputs: ClassVar[tuple[str, ...]] = ()
+    #: what ``output_type="latent"`` returns, in one sentence for docs and model cards ("" = no latent output)
+    latent_description: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs):
         """Make every vgen pipeline class visible to diffusers' generic loader: ``DiffusionPipeline.from_pretrained``
@@ -40,6 +85,71 @@ class VGenPipeline(DiffusionPipeline):
 
         if getattr(diffusers, cls.__name__, cls) is cls:
             setattr(diffusers, cls.__name__, cls)
+
+    # -- loading and saving --------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' loader, quiet and version-proof: without accelerate it loads the way diffusers falls back to
+        anyway (``low_cpu_mem_usage=False``) instead of warning on every load; ``dtype=`` works on every diffusers
+        version (older ones call it ``torch_dtype=``); a folder whose weights exist only as one variant
+        (``*.fp16.safetensors``) loads that variant."""
+        from diffusers.utils import is_accelerate_available
+
+        if "low_cpu_mem_usage" not in kwargs and not is_accelerate_available():
+            kwargs["low_cpu_mem_usage"] = False
+        if "dtype" in kwargs and not _diffusers_takes_dtype():
+            kwargs["torch_dtype"] = kwargs.pop("dtype")
+        if kwargs.get("variant") is None:
+            kwargs.pop("variant", None)
+            only = only_variant(Path(pretrained_model_name_or_path))
+            if only is not None:
+                kwargs["variant"] = only
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None,
+                        *args, dtype: torch.dtype | str | None = None, **kwargs):
+        """diffusers' ``save_pretrained`` plus the weights' dtype and a model card (see the module docstring and
+        :mod:`vgen.pipelines.weights_dtype`): ``dtype`` casts what is written, ``variant="fp16"`` (``"bf16"``,
+        ``"fp32"``) names the files as diffusers does and writes that dtype, and without either each component keeps
+        its dtype (or the narrower one it was loaded from, when nothing was changed since). Then ``README.md``."""
+        from vgen.pipelines.weights_dtype import dtype_for_save, floating_dtype, kept_storage_dtype, written_as
+
+        target = dtype_for_save(dtype, variant)
+        source = Path(self.name_or_path) if isinstance(self.name_or_path, str) and self.name_or_path else None
+        with contextlib.ExitStack() as stack:
+            for name, module in self.components.items():
+                if not isinstance(module, torch.nn.Module):
+                    continue
+                wanted = target or kept_storage_dtype(module, source / name if source is not None else None)
+                if wanted is not None and wanted != floating_dtype(module):
+                    stack.enter_context(written_as(module, wanted))
+            super().save_pretrained(save_directory, safe_serialization, variant, *args, **kwargs)
+        write_model_card(self, save_directory)
+
+    @property
+    def model_card(self) -> ModelCardInfo:
+        """What the model card says beyond what the pipeline shows (:class:`ModelCardInfo`); set its fields before
+        ``save_pretrained``. A loaded pipeline starts from the card of its folder."""
+        if getattr(self, "_model_card", None) is None:
+            self._model_card = read_card_info(self.name_or_path if isinstance(self.name_or_path, str) else None)
+            if self._model_card is None:
+                self._model_card = ModelCardInfo()
+        return self._model_card
+
+    @model_card.setter
+    def model_card(self, info: ModelCardInfo) -> None:
+        self._model_card = info
+
+    def card_facts(self) -> dict[str, str]:
+        """Family facts for the model card's "What it is" (e.g. resolution); none by default."""
+        return {}
+
+    def enable_model_cpu_offload(self, *args, **kwargs):
+        raise UserError(_OFFLOAD_MESSAGE.format(method="enable_model_cpu_offload"))
+
+    def enable_sequential_cpu_offload(self, *args, **kwargs):
+        raise UserError(_OFFLOAD_MESSAGE.format(method="enable_sequential_cpu_offload"))
 
     @classmethod
     def option(cls, name: str) -> SamplingOption:
@@ -152,10 +262,50 @@ class VGenPipeline(DiffusionPipeline):
         """One generator per image (see :func:`vgen.samplers.seeding.per_sample_generators`)."""
         return per_sample_generators(generator, batch_size)
 
-    @staticmethod
-    def check_output_type(output_type: str) -> None:
-        if output_type not in OUTPUT_TYPES:
-            raise UserError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+    def check_output_type(self, output_type: str) -> None:
+        """``output_type`` must be ``pil``, ``np``, ``pt`` or, for families with latent output, ``latent``."""
+        known = OUTPUT_TYPES if self.latent_description else tuple(t for t in OUTPUT_TYPES if t != "latent")
+        if output_type not in known:
+            raise UserError(f"output_type must be one of {', '.join(known)}, got {output_type!r}")
+
+    # -- step callbacks, progress and interruption (diffusers' conventions) ---------------------------------------
+
+    def step_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs: Sequence[str] | None,
+                      num_steps: int) -> StepCallbackHook | None:
+        """The sampling loop's ``on_step_end`` hook for the user's ``callback_on_step_end`` (None without one):
+        checks ``callback_on_step_end_tensor_inputs`` against ``_callback_tensor_inputs``, sets
+        :attr:`num_timesteps` and clears :attr:`interrupt` (see :mod:`vgen.pipelines.step_callbacks`)."""
+        self._num_timesteps = int(num_steps)
+        self._interrupt = False
+        return step_callback_hook(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
+
+    @property
+    def num_timesteps(self) -> int:
+        """Generation steps of the last call (diffusers callbacks read it, e.g. to act at a share of the steps)."""
+        return getattr(self, "_num_timesteps", 0)
+
+    @property
+    def interrupt(self) -> bool:
+        """True once a callback set ``pipe._interrupt = True``: the call stops after the current step."""
+        return bool(getattr(self, "_interrupt", False))
+
+    # -- latent output ----------------------------------------------------------------------------------------
+
+    def latent_output(self, latents, return_dict: bool):
+        """``output_type="latent"``: ``latents`` as the output's ``images`` (see :attr:`latent_description`)."""
+        return ImagePipelineOutput(images=latents) if return_dict else (latents,)
+
+    def latents_to_images(self, latents) -> torch.Tensor:
+        """Latent output -> images (B, 3, H, W) in [0, 1]; families with latent output implement it."""
+        raise UserError(f"{type(self).__name__} has no latent output")
+
+    @torch.no_grad()
+    def decode_latents(self, latents, output_type: str = "pil", return_dict: bool = True):
+        """The images of a call's ``output_type="latent"`` result, as ``output_type``."""
+        if output_type == "latent":
+            raise UserError("decode_latents turns latents into images: give output_type pil, np or pt")
+        self.check_output_type(output_type)
+        return self.images_output(self.latents_to_images(latents), output_type, return_dict)
 
     def images_output(self, images_B3HW: torch.Tensor, output_type: str, return_dict: bool):
         """Images (B, 3, H, W) in [0, 1] as ``output_type`` (PIL list, numpy (B, H, W, 3) float32 or a CPU tensor),
@@ -168,6 +318,44 @@ class VGenPipeline(DiffusionPipeline):
             if output_type == "pil":
                 result = self.numpy_to_pil(result)
         return ImagePipelineOutput(images=result) if return_dict else (result,)
+
+
+_OFFLOAD_MESSAGE = (
+    "{method} is not supported by vgen pipelines yet: their sampling loops call the models' step methods "
+    "(prefill, logits per step), which accelerate's offload hooks do not see; move the pipeline with "
+    "pipe.to(device) instead (half precision, pipe.to(torch.bfloat16), halves its memory)"
+)
+
+
+def _diffusers_takes_dtype() -> bool:
+    """diffusers >= 0.36 names the load dtype ``dtype`` (``torch_dtype`` is deprecated); older ones only
+    ``torch_dtype``."""
+    import diffusers.utils.deprecation_utils as deprecation
+
+    return hasattr(deprecation, "_resolve_dtype")
+
+
+def only_variant(folder: Path) -> str | None:
+    """The variant name when every component folder of a saved pipeline holds weights of that one variant only
+    (``diffusion_pytorch_model.<variant>.safetensors``) and none without one; None otherwise."""
+    from vgen.pipelines.folder_check import component_weights, listed_components, read_json_object
+
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        return None
+    try:
+        components = listed_components(read_json_object(index_path, "the pipeline index"))
+    except UserError:
+        return None
+    variants = set()
+    for name, spec in components.items():
+        if spec is None or not (folder / name).is_dir():
+            continue
+        found = component_weights(folder / name)
+        if None in found or len(found) != 1:
+            return None
+        variants |= set(found)
+    return variants.pop() if len(variants) == 1 else None
 
 
 def check_prompts(prompts: Sequence[str]) -> None:

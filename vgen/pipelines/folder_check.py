@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +24,29 @@ from vgen.checkpoints import state_dict_mismatch
 INDEX_FILE = "model_index.json"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+#: a component's weight files as diffusers names them: plain, sharded (``-00001-of-00002``) and per variant
+#: (``diffusion_pytorch_model.fp16.safetensors``, ``diffusion_pytorch_model.fp16-00001-of-00002.safetensors``)
+_WEIGHTS_NAME = re.compile(r"^diffusion_pytorch_model(?:\.(?P<variant>[A-Za-z0-9_]+))?(?:-\d+-of-\d+)?\.safetensors$")
+
+
+def weights_file(variant: str | None = None) -> str:
+    """The (unsharded) weights file name of a component, for ``variant`` (None: the plain one)."""
+    return WEIGHTS_FILE if variant is None else f"diffusion_pytorch_model.{variant}.safetensors"
+
+
+def weights_index_file(variant: str | None = None) -> str:
+    """The shard index beside sharded weights (diffusers puts the variant before ``.json``)."""
+    return WEIGHTS_FILE + ".index.json" if variant is None else f"{WEIGHTS_FILE}.index.{variant}.json"
+
+
+def component_weights(folder: Path) -> set[str | None]:
+    """The variants whose weights a component folder holds (None for the plain files)."""
+    found: set[str | None] = set()
+    for path in folder.glob("*.safetensors"):
+        match = _WEIGHTS_NAME.match(path.name)
+        if match:
+            found.add(match.group("variant"))
+    return found
 
 
 def read_json_object(path: Path, what: str) -> dict:
@@ -53,12 +77,13 @@ def listed_components(index: dict) -> dict[str, tuple[str, str] | None]:
     return components
 
 
-def saved_shapes(path: Path) -> dict[str, torch.Tensor]:
+def saved_shapes(path: Path, index: Path | None = None) -> dict[str, torch.Tensor]:
     """Names and shapes (as meta tensors) of the tensors in a safetensors file, read from its header only; a
-    component saved in shards (``<name>.index.json`` beside ``path``) reads every shard it lists."""
+    component saved in shards (``index``, default ``<name>.index.json`` beside ``path``) reads every shard it
+    lists."""
     from safetensors import SafetensorError, safe_open
 
-    index = path.with_name(path.name + ".index.json")
+    index = index if index is not None else path.with_name(path.name + ".index.json")
     if not path.is_file() and index.is_file():
         weight_map = read_json_object(index, "the weights index").get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -96,23 +121,24 @@ def expected_shapes(library: str, class_name: str, config: dict, where: Path) ->
     return dict(model.state_dict())
 
 
-def check_component(model_dir: Path, name: str, library: str, class_name: str) -> None:
-    """One component folder: config, weights file, and weights that fit the config exactly."""
+def check_component(model_dir: Path, name: str, library: str, class_name: str, variant: str | None = None) -> None:
+    """One component folder: config, weights file (of ``variant``), and weights that fit the config exactly."""
     folder = model_dir / name
     if not folder.is_dir():
         raise UserError(f"{model_dir} lists the component {name!r} in {INDEX_FILE} but has no {name}/ folder; copy "
                         "the whole pipeline folder again")
     config = read_json_object(folder / CONFIG_FILE, f"the {name} config")
-    saved = saved_shapes(folder / WEIGHTS_FILE)
+    weights = folder / weights_file(variant)
+    saved = saved_shapes(weights, folder / weights_index_file(variant))
     mismatch = state_dict_mismatch(expected_shapes(library, class_name, config, folder), saved, limit=5)
     if mismatch:
-        raise UserError(f"the weights in {folder / WEIGHTS_FILE} do not fit its {CONFIG_FILE} ({mismatch}); the "
+        raise UserError(f"the weights in {weights} do not fit its {CONFIG_FILE} ({mismatch}); the "
                         "config and the weights come from different models")
 
 
-def check_pipeline_folder(model_dir: Path, required: Sequence[str] = ()) -> dict:
+def check_pipeline_folder(model_dir: Path, required: Sequence[str] = (), variant: str | None = None) -> dict:
     """Check ``model_dir`` (see the module docstring) and return its ``model_index.json``; ``required`` components
-    must be listed and present."""
+    must be listed and present; ``variant`` picks the weight files (``diffusion_pytorch_model.<variant>...``)."""
     if not model_dir.is_dir():
         raise UserError(f"model folder not found: {model_dir} (pass a pipeline folder saved by vgen)")
     if not (model_dir / INDEX_FILE).is_file():
@@ -125,5 +151,5 @@ def check_pipeline_folder(model_dir: Path, required: Sequence[str] = ()) -> dict
                         "pipeline folder")
     for name, spec in components.items():
         if spec is not None:
-            check_component(model_dir, name, *spec)
+            check_component(model_dir, name, *spec, variant=variant)
     return index

@@ -3,12 +3,19 @@
     from vgen.pipelines.var import VARPipeline
     pipe = VARPipeline.from_pretrained("my-var-folder")          # offline, from a local folder
     images = pipe(class_labels=[207, 360], guidance_scale=1.5, top_k=900, top_p=0.96,
-                  generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images
+                  generator=torch.Generator().manual_seed(0)).images   # image i: seed 0 + i
 
 Text-conditional models take ``prompt=...`` instead of ``class_labels``. Once this module is imported, diffusers'
 generic ``diffusers.DiffusionPipeline.from_pretrained(folder)`` loads saved VAR folders too (see
 :meth:`vgen.pipelines.base.VGenPipeline.__init_subclass__`). The generation loop is
 :func:`vgen.samplers.next_scale.generate_next_scale`; every argument here maps onto it.
+
+diffusers conventions (from :class:`vgen.pipelines.base.VGenPipeline`): one step per scale for
+``callback_on_step_end`` (``step_index`` = scale index, ``timestep`` = the scale's token-map side ``pn``; tensors
+``idx_Bl`` (B, pn^2) token ids, replaceable; ``f_hat`` (B, Cvae, h, w) summed features of the scales so far and
+``logits_BlV`` (B, pn^2, V) guided float32 logits, read-only), ``output_type="latent"`` (token ids of every scale,
+``decode_latents`` turns them into images), ``set_progress_bar_config`` (a bar over the scales), ``dtype=`` /
+``.to(torch.bfloat16)`` (the head keeps float32 logits) and ``save_pretrained(dir, variant="fp16")``.
 """
 
 from __future__ import annotations
@@ -38,6 +45,15 @@ class VARPipeline(VGenPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->vqvae"
     _optional_components = ["text_encoder"]
     sampling_options = options_of("VARPipeline")
+    _callback_tensor_inputs = ["idx_Bl", "f_hat", "logits_BlV"]
+    _callback_writable_tensor_inputs = ("idx_Bl",)
+    _default_callback_tensor_inputs = ("idx_Bl",)
+    latent_description = (
+        "the token ids of every scale, one (B, L) int64 tensor with the scales in order (L = sum of pn^2 over "
+        "patch_nums; split it with torch.split(latents, [pn * pn for pn in patch_nums], dim=1)); "
+        "pipe.decode_latents(latents) decodes them (with more_smooth the images were made from smoothed "
+        "embeddings, so decoding the ids differs from them)."
+    )
 
     def __init__(
         self, vqvae, transformer: VAR, text_encoder=None, default_guidance_scale: float = 1.5,
@@ -65,6 +81,34 @@ class VARPipeline(VGenPipeline):
         except ValueError as err:
             raise UserError(f"{err} (this model generates {len(patch_nums)} scales: {patch_nums})") from None
 
+    def card_facts(self) -> dict[str, str]:
+        patch_nums = list(self.transformer.config.patch_nums)
+        side = self.image_size
+        return {"images": f"{side}x{side} px", "scales (token-map sides)": ", ".join(map(str, patch_nums)),
+                "codebook": f"{self.transformer.config.vocab_size} codes of dimension {self.transformer.config.Cvae}"}
+
+    @property
+    def image_size(self) -> int:
+        """Side of the generated images in pixels (the tokenizer's resolution)."""
+        return int(self.vqvae.resolution)
+
+    def latents_to_images(self, latents: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, L) of ``output_type="latent"`` (all scales, or the first scales of an interrupted call) ->
+        images (B, 3, H, W) in [0, 1]."""
+        patch_nums = list(self.transformer.config.patch_nums)
+        sizes, total = [], 0
+        for pn in patch_nums:
+            if total >= latents.shape[1]:
+                break
+            sizes.append(pn * pn)
+            total += pn * pn
+        if latents.ndim != 2 or total != latents.shape[1]:
+            raise UserError(f"latents must be token ids (B, L) of whole scales (L one of "
+                            f"{', '.join(str(sum(p * p for p in patch_nums[:k + 1])) for k in range(len(patch_nums)))}"
+                            f"), got shape {tuple(latents.shape)}")
+        idx_Bl = list(torch.split(latents.to(self.vqvae.device, torch.long), sizes, dim=1))
+        return self.vqvae.idxBl_to_img(idx_Bl).float().add(1).mul(0.5)
+
     # -- generation ----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -84,6 +128,8 @@ class VARPipeline(VGenPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         unconditional: bool = False,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: Sequence[str] | None = None,
     ):
         """Generate images.
 
@@ -100,17 +146,31 @@ class VARPipeline(VGenPipeline):
                 ``1 + guidance_scale * profile[si]`` at scale si (:class:`vgen.samplers.guidance.ProfileCFG`).
             guidance_schedule: any other CFG schedule, e.g. :class:`vgen.samplers.guidance.ConstantCFG` (replaces
                 ``guidance_profile``).
-            generator: one ``torch.Generator`` per image (its random numbers do not depend on the batch) or one.
-            output_type: ``"pil"``, ``"np"`` (B, H, W, 3) floats in [0, 1] or ``"pt"`` (B, 3, H, W) in [0, 1].
+            generator: a list of one ``torch.Generator`` per image (image i draws from ``generator[i]`` only, so it
+                does not depend on the batch), or one generator: seeded ``s``, image i gets the stream of seed
+                ``s + i`` (exactly ``vgen generate --seed s``) and the generator is left at ``manual_seed(s + B)``
+                for the next call (:mod:`vgen.samplers.seeding`). Images are ordered prompt by prompt,
+                ``num_images_per_prompt`` consecutive images each. None uses the global RNG.
+            output_type: ``"pil"``, ``"np"`` (B, H, W, 3) floats in [0, 1], ``"pt"`` (B, 3, H, W) in [0, 1] or
+                ``"latent"``: token ids (B, L) of all scales (see :attr:`latent_description`; ``decode_latents``).
             return_dict: return :class:`ImagePipelineOutput` (else a tuple ``(images,)``).
             unconditional: ``num_images_per_prompt`` images of the null prompt / null class (no prompt, no labels).
                 An empty or blank prompt is an error, so an unconditional image is never made by accident.
+            callback_on_step_end: diffusers' ``callback(pipe, step_index, timestep, callback_kwargs) -> dict``, called
+                after every scale (``step_index`` = scale index, ``timestep`` = its side ``pn``). ``callback_kwargs``
+                holds the tensors of ``callback_on_step_end_tensor_inputs`` (default ``["idx_Bl"]``; any of
+                ``idx_Bl`` (B, pn^2) token ids, ``f_hat`` (B, Cvae, h, w) features of the scales so far,
+                ``logits_BlV`` (B, pn^2, V) guided float32 logits). Returning a new ``idx_Bl`` replaces the scale's
+                tokens (the next scales condition on them); ``f_hat`` and ``logits_BlV`` are read-only. Setting
+                ``pipe._interrupt = True`` stops after the scale: the result holds the scales made so far.
         """
         self.check_output_type(output_type)
         sampling = self.resolve_sampling(guidance_scale=guidance_scale, top_k=top_k, top_p=top_p,
                                          temperature=temperature, guidance_profile=guidance_profile)
         cond, _captions = self.encode_condition(prompt, class_labels, num_images_per_prompt, unconditional)
         batch_size = cond.batch_size
+        on_step_end = self.step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                         len(self.transformer.config.patch_nums))
         out = generate_next_scale(
             self.transformer,
             self.vqvae.quantize,
@@ -122,6 +182,9 @@ class VARPipeline(VGenPipeline):
                                    temperature=sampling["temperature"], more_smooth=more_smooth),
             generators=self.generators_for(generator, batch_size),
             progress=self.progress_bar,
+            on_step_end=on_step_end,
         )
+        if output_type == "latent":
+            return self.latent_output(torch.cat(out.idx_Bl, dim=1), return_dict)
         images = self.vqvae.fhat_to_img(out.f_hat.to(self.vqvae.dtype)).float().add(1).mul(0.5)
         return self.images_output(images, output_type, return_dict)
