@@ -32,8 +32,11 @@ def register(subparsers) -> None:
 
 
 def convert_var_official(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from vgen.cli.checks import check_output_folder
     from vgen.models.var_official import load_official_var
+    from vgen.pipelines.model_card import ModelCardInfo
     from vgen.pipelines.var import VARPipeline
     from vgen.tokenizers.msvq import load_official_var_vae
 
@@ -54,8 +57,20 @@ def convert_var_official(args: argparse.Namespace) -> int:
             "pass the VQVAE the transformer was trained with"
         )
     pipe = VARPipeline(vqvae=vqvae, transformer=transformer, text_encoder=None)
-    pipe.save_pretrained(str(out))
     cfg = transformer.config
+    pipe.model_card = ModelCardInfo(
+        title=f"VAR-d{cfg.depth} (official checkpoint, converted)",
+        summary="Official VAR (Tian et al., NeurIPS 2024, FoundationVision/VAR): class-conditional next-scale "
+        f"prediction, converted key for key by `vgen convert var-official` ({cfg.num_classes} classes; ImageNet "
+        "ids for the released checkpoints).",
+        training="Trained by the VAR authors (FoundationVision/VAR); for ImageNet 256 px checkpoints: ImageNet-1k, "
+        "the paper's recipe. Not retrained by vgen.",
+        source=f"{Path(args.vae).name} (VQVAE) and {Path(args.var).name} (transformer)",
+        license="mit",
+        license_note="FoundationVision/VAR releases its code and checkpoints under the MIT licence (check the terms "
+        "that came with your copy; the ImageNet training images have their own terms)",
+    )
+    pipe.save_pretrained(str(out))
     print(f"wrote {out}: VAR depth {cfg.depth} (width {cfg.embed_dim}, {cfg.num_classes} classes, "
           f"{'shared' if cfg.shared_aln else 'per-block'} AdaLN), VQVAE vocabulary {vqvae.vocab_size}")
     return 0

@@ -389,6 +389,7 @@ class VARTask(TrainTask):
     def export(self, model: nn.Module, out_dir: Path) -> None:
         from vgen.pipelines.var import VARPipeline
         from vgen.train.loop import unwrap
+        from vgen.train.model_card import training_card_info
 
         inner = unwrap(model)
         cfg = self.cfg
@@ -397,6 +398,12 @@ class VARTask(TrainTask):
             default_guidance_scale=cfg.sample_guidance_scale, default_top_k=cfg.sample_top_k,
             default_top_p=cfg.sample_top_p, default_temperature=cfg.sample_temperature,
             default_guidance_profile=cfg.sample_guidance_profile,
+        )
+        pipe.model_card = training_card_info(
+            "var", Path(out_dir).parent,
+            title=f"VAR, {cfg.conditioning}-conditional, trained with vgen",
+            license_note="the weights were trained by whoever ran this export; set pipe.model_card.license (a Hub "
+            "licence identifier) before sharing them",
         )
         pipe.save_pretrained(str(out_dir))
 
