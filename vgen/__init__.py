@@ -7,10 +7,10 @@ benchmarks), and this package: generators (``vgen.models``), pipelines, KV cache
 
 __version__ = "0.1.0"
 
-from vgen.diffusers_logging import drop_empty_fp32_warning  # noqa: E402
+from vgen.diffusers_logging import quiet_diffusers_notes  # noqa: E402
 from vgen.errors import UserError  # noqa: E402
 
-# vgen's models keep no module in float32; diffusers would say so on every .to(dtype) (see vgen.diffusers_logging)
-drop_empty_fp32_warning()
+# two diffusers warnings that say nothing for vgen's models (an empty fp32 list, accelerate's advice on every load)
+quiet_diffusers_notes()
 
 __all__ = ["UserError", "__version__"]

@@ -42,6 +42,7 @@ names the files as diffusers does and writes fp16), and writes ``README.md``, a 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -116,7 +117,7 @@ class VGenPipeline(DiffusionPipeline):
         from vgen.pipelines.weights_dtype import dtype_for_save, floating_dtype, kept_storage_dtype, written_as
 
         target = dtype_for_save(dtype, variant)
-        source = Path(self.name_or_path) if isinstance(self.name_or_path, str) and self.name_or_path else None
+        source = _local_folder(self.name_or_path)
         with contextlib.ExitStack() as stack:
             for name, module in self.components.items():
                 if not isinstance(module, torch.nn.Module):
@@ -132,7 +133,7 @@ class VGenPipeline(DiffusionPipeline):
         """What the model card says beyond what the pipeline shows (:class:`ModelCardInfo`); set its fields before
         ``save_pretrained``. A loaded pipeline starts from the card of its folder."""
         if getattr(self, "_model_card", None) is None:
-            self._model_card = read_card_info(self.name_or_path if isinstance(self.name_or_path, str) else None)
+            self._model_card = read_card_info(_local_folder(self.name_or_path))
             if self._model_card is None:
                 self._model_card = ModelCardInfo()
         return self._model_card
@@ -325,6 +326,14 @@ _OFFLOAD_MESSAGE = (
     "(prefill, logits per step), which accelerate's offload hooks do not see; move the pipeline with "
     "pipe.to(device) instead (half precision, pipe.to(torch.bfloat16), halves its memory)"
 )
+
+
+def _local_folder(name_or_path) -> Path | None:
+    """The folder a pipeline was loaded from (diffusers' ``_name_or_path``), when it is a local folder."""
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
+        return None
+    path = Path(name_or_path)
+    return path if path.is_dir() else None
 
 
 def _diffusers_takes_dtype() -> bool:
