@@ -9,6 +9,10 @@ per-image resizer ``fn_resize`` (uint8 ``(H, W, 3)`` -> array ``(h, w, 3)``). Th
   folder), else ``$VGEN_INCEPTION_PATH``, else clean-fid's own location (``/tmp/inception-2015-12-05.pt``; ``./`` on
   Windows). Modes: ``clean`` (PIL bicubic resize to 299 outside the net, on float32, no quantisation) and
   ``legacy_tensorflow`` (TF1 bilinear resize inside the net: matches TF FID, i.e. the ADM evaluator protocol).
+  Mode ``legacy_pytorch`` (pytorch-fid's numbers: torch bilinear resize to 299 outside the net, pytorch-fid's
+  Inception port) needs pytorch-fid's weights file ``pt_inception-2015-12-05-6726825d.pth`` instead, looked up at
+  ``--inception-path`` (file or folder), else in the folder of ``$VGEN_INCEPTION_PATH``, else in torch hub's
+  checkpoint folder where pytorch-fid and clean-fid keep it.
 * ``shapes``: the shipped :class:`~vgen.eval.shapes_features.ShapesFeatureNet` (64x64 input; images of another
   size are resized with clean-fid's ``clean`` resizer, PIL bicubic on float32). Mode ``clean`` only.
 * ``module.path:callable``: any user extractor; the callable is called with no arguments and returns a module or
@@ -36,7 +40,8 @@ import torch
 import torchvision
 from cleanfid.fid import get_batch_features
 from cleanfid.inception_torchscript import InceptionV3W
-from cleanfid.resize import build_resizer, make_resizer
+from cleanfid.resize import build_resizer as _cleanfid_build_resizer
+from cleanfid.resize import make_resizer
 from cleanfid.utils import EXTENSIONS
 from PIL import Image
 from tqdm import tqdm
@@ -47,8 +52,12 @@ from vgen.imaging import to_rgb8
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+#: pytorch-fid's Inception weights (clean-fid's ``legacy_pytorch`` mode), a plain state dict
+PYTORCH_INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+PYTORCH_INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                         "pt_inception-2015-12-05-6726825d.pth")
 INCEPTION_ENV = "VGEN_INCEPTION_PATH"
-MODES = ("clean", "legacy_tensorflow")
+MODES = ("clean", "legacy_tensorflow", "legacy_pytorch")
 
 
 @dataclass
@@ -64,38 +73,94 @@ class FeatureExtractor:
     digest: str = ""  # identifies the weights where it matters (the Shapes net); "" otherwise
 
 
+def build_resizer(mode: str) -> Callable[[np.ndarray], np.ndarray]:
+    """clean-fid's resizer of ``mode``. Its torch resizer (``legacy_pytorch``) calls ``warnings.filterwarnings
+    ("ignore")``, which would silence every later warning of the process (vgen's too-few-images warning among them);
+    the filters are restored around it."""
+    with warnings.catch_warnings():
+        return _cleanfid_build_resizer(mode)
+
+
 def cleanfid_inception_location() -> Path:
     """Where clean-fid itself looks for (and would download) the Inception file."""
     return Path("./" if platform.system() == "Windows" else "/tmp") / INCEPTION_FILE
 
 
-def resolve_inception_path(path: str | os.PathLike | None = None) -> Path:
-    """The Inception weights file to use: ``path`` (file or folder), else ``$VGEN_INCEPTION_PATH``, else
-    clean-fid's location. Raises :class:`UserError` naming the file and where to put it when it is absent."""
+def pytorch_inception_location() -> Path:
+    """Where pytorch-fid (and clean-fid's ``legacy_pytorch`` mode) keep their weights: torch hub's checkpoints."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / PYTORCH_INCEPTION_FILE
+
+
+def resolve_inception_path(path: str | os.PathLike | None = None, mode: str = "clean",
+                           features_given: bool = True) -> Path:
+    """The Inception weights file of ``mode``: ``path`` (file or folder), else ``$VGEN_INCEPTION_PATH``, else
+    clean-fid's location (``legacy_pytorch``: pytorch-fid's file, see the module docstring). Raises
+    :class:`UserError` naming the file and where to put it when it is absent; ``features_given=False`` (no
+    --features on the command line) says why Inception was chosen and that ``--features shapes`` exists."""
+    pytorch = mode == "legacy_pytorch"
+    file_name, url = (PYTORCH_INCEPTION_FILE, PYTORCH_INCEPTION_URL) if pytorch else (INCEPTION_FILE, INCEPTION_URL)
+    default = pytorch_inception_location() if pytorch else cleanfid_inception_location()
     given = path if path is not None else os.environ.get(INCEPTION_ENV) or None
-    candidate = Path(given).expanduser() if given is not None else cleanfid_inception_location()
-    if candidate.name != INCEPTION_FILE:
+    candidate = Path(given).expanduser() if given is not None else default
+    if path is None and given is not None and pytorch and candidate.name == INCEPTION_FILE:
+        candidate = candidate.parent  # $VGEN_INCEPTION_PATH names the TorchScript file: look beside it
+    if candidate.name != file_name:
         if candidate.is_file():
-            raise UserError(f"the Inception weights file must be named {INCEPTION_FILE} (got {candidate})")
-        candidate = candidate / INCEPTION_FILE  # a folder (existing or not) that should hold the file
+            raise UserError(f"mode {mode} needs the Inception weights file named {file_name} (got {candidate})")
+        candidate = candidate / file_name  # a folder (existing or not) that should hold the file
     if not candidate.is_file():
+        what = ("pytorch-fid's Inception weights (the legacy_pytorch mode)" if pytorch
+                else "clean-fid's TorchScript Inception")
+        why = ("" if features_given else "no --features was given, so FID of images uses Inception features; ")
         raise UserError(
-            f"Inception weights not found: {candidate} is missing. FID with --features inception needs clean-fid's "
-            f"TorchScript file {INCEPTION_FILE} (from {INCEPTION_URL}); vgen never downloads it. Copy it to "
-            f"{candidate}, or point --inception-path / ${INCEPTION_ENV} at it "
-            f"(default location: {cleanfid_inception_location()}), or use --features shapes"
+            f"{why}Inception weights not found: {candidate} is missing. Mode {mode} needs {what}, {file_name} (from "
+            f"{url}); vgen never downloads it. Copy it to {candidate}, or point --inception-path / ${INCEPTION_ENV} "
+            f"at it (default location: {default}), or use --features shapes (the Shapes-world feature network that "
+            "ships with vgen, for Shapes images)"
         )
     return candidate
 
 
-def _inception_extractor(mode: str, device: torch.device, path: str | os.PathLike | None) -> FeatureExtractor:
-    weights = resolve_inception_path(path)
+def _inception_extractor(mode: str, device: torch.device, path: str | os.PathLike | None,
+                         features_given: bool = True) -> FeatureExtractor:
+    weights = resolve_inception_path(path, mode, features_given)
+    if mode == "legacy_pytorch":
+        return _pytorch_inception_extractor(weights, device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch >= 2.14 deprecates torch.jit.load
         # download=False: the file was found above, so clean-fid must not try the network
         model = InceptionV3W(str(weights.parent), download=False, resize_inside=mode == "legacy_tensorflow")
     model = model.to(device).eval()
     return FeatureExtractor("inception", mode, model, build_resizer(mode), device)
+
+
+def _pytorch_inception_extractor(weights: Path, device: torch.device) -> FeatureExtractor:
+    """clean-fid's ``legacy_pytorch`` network (pytorch-fid's ``InceptionV3(output_blocks=[3], resize_input=False)``
+    on ``x / 255``) with its weights read from ``weights``. clean-fid builds it through
+    ``load_state_dict_from_url``; for the duration of the build that name answers with the local file (read with
+    ``weights_only=True``), so nothing is downloaded."""
+    import cleanfid.inception_pytorch as pytorch_inception
+
+    from vgen.checkpoints import read_state_dict
+
+    state_dict = read_state_dict(weights, what="pytorch-fid Inception weights")
+    fetch = pytorch_inception.load_state_dict_from_url
+    pytorch_inception.load_state_dict_from_url = lambda *args, **kwargs: state_dict
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torchvision: clean-fid passes the deprecated `pretrained`
+            model = pytorch_inception.InceptionV3(output_blocks=[3], resize_input=False)
+    except RuntimeError as err:  # load_state_dict: keys or shapes of another network
+        first_line = (str(err).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{weights} does not hold pytorch-fid's Inception weights ({first_line})") from None
+    finally:
+        pytorch_inception.load_state_dict_from_url = fetch
+    model = model.to(device).eval()
+
+    def features(x_B3HW: torch.Tensor) -> torch.Tensor:
+        return model(x_B3HW / 255)[0].squeeze(-1).squeeze(-1)
+
+    return FeatureExtractor("inception", "legacy_pytorch", features, build_resizer("legacy_pytorch"), device)
 
 
 def _shapes_extractor(mode: str, device: torch.device) -> FeatureExtractor:
@@ -132,13 +197,16 @@ def build_extractor(
     mode: str = "clean",
     device: str | torch.device | None = None,
     inception_path: str | os.PathLike | None = None,
+    features_given: bool = True,
 ) -> FeatureExtractor:
-    """``features``: ``inception`` | ``shapes`` | ``module.path:callable``; ``mode``: ``clean`` | ``legacy_tensorflow``."""
+    """``features``: ``inception`` | ``shapes`` | ``module.path:callable``; ``mode``: ``clean`` |
+    ``legacy_tensorflow`` | ``legacy_pytorch``. ``features_given=False``: the caller defaulted to Inception (the
+    error for missing weights then says so)."""
     if mode not in MODES:
         raise UserError(f"unknown --mode {mode!r}; choose one of {', '.join(MODES)}")
     device = resolve_device(device)
     if features == "inception":
-        return _inception_extractor(mode, device, inception_path)
+        return _inception_extractor(mode, device, inception_path, features_given)
     if features == "shapes":
         return _shapes_extractor(mode, device)
     return _custom_extractor(features, mode, device)

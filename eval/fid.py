@@ -6,9 +6,16 @@
 * :func:`kernel_distance` is clean-fid's KID (cubic polynomial kernel, 100 subsets of <= 1000), seeded so that a
   KID is reproducible (clean-fid draws its subsets from the unseeded global NumPy generator).
 * :class:`FIDStats` is a reference-statistics ``.npz``: ``mu``, ``sigma``, ``n``, ``features``, ``mode``,
-  ``resolution``, ``digest``, ``provenance`` (JSON) and optionally ``feats`` (the features, for KID). Files from
-  OpenAI's ADM evaluator (``mu``/``sigma`` only, e.g. ``VIRTUAL_imagenet256_labeled.npz``) load as Inception /
-  ``legacy_tensorflow`` statistics: that is how they were made.
+  ``resolution``, ``digest``, ``provenance`` (JSON) and optionally ``feats`` (the features, for KID). Two foreign
+  kinds load too. clean-fid's statistics files, named ``{name}_{mode}_{split}_{res}.npz`` (``mu``/``sigma``; e.g.
+  ``cifar10_legacy_tensorflow_train_32.npz``), are Inception statistics of the mode in their name, with KID
+  features from the ``..._kid.npz`` beside them when it is there (:func:`cleanfid_stats_name`); ``--ref
+  cleanfid:NAME/SPLIT/RES`` names one by dataset and takes the mode from ``--mode`` (:func:`cleanfid_stats_path`).
+  Any other ``mu``/``sigma``-only file (OpenAI's ADM evaluator reference, e.g. ``VIRTUAL_imagenet256_labeled.npz``,
+  or MAR's ``adm_in256_stats.npz``) loads as Inception / ``legacy_tensorflow`` statistics: that is how those were
+  made.
+* FID of fewer images than feature dimensions has a singular covariance and a biased, unstable value:
+  :func:`warn_if_few` says so with the numbers.
 
 Comparability: only Inception features with ``--mode legacy_tensorflow`` against the ADM reference ``mu``/``sigma``
 on 50k losslessly saved samples reproduce the FID of VAR / MAR / xAR / LlamaGen papers (ADM protocol). ``clean``
@@ -117,16 +124,91 @@ class FIDStats:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FIDStats:
-        """Read a vgen stats file, or an ADM-evaluator reference (``mu``, ``sigma``; TF Inception features)."""
+        """Read a vgen stats file, a clean-fid statistics file (mode from its name) or an ADM-evaluator reference
+        (``mu``, ``sigma``; TF Inception features, ``legacy_tensorflow``)."""
         with open_npz(path) as data:
             if "mu" not in data or "sigma" not in data:
                 raise UserError(f"{path} holds no FID statistics (keys mu, sigma); keys: {', '.join(data.files)}")
-            if "features" not in data:  # ADM evaluator reference batch
-                return cls(data["mu"], data["sigma"], -1, "inception", "legacy_tensorflow", -1,
-                           provenance={"source": f"ADM evaluator reference {Path(path).name}"})
-            return cls(data["mu"], data["sigma"], int(data["n"]), str(data["features"]), str(data["mode"]),
-                       int(data["resolution"]), str(data["digest"]),
-                       data.get("feats"), json.loads(str(data["provenance"])))
+            if "features" in data:
+                return cls(data["mu"], data["sigma"], int(data["n"]), str(data["features"]), str(data["mode"]),
+                           int(data["resolution"]), str(data["digest"]),
+                           data.get("feats"), json.loads(str(data["provenance"])))
+            mu, sigma = data["mu"], data["sigma"]
+        named = cleanfid_stats_name(Path(path).name)
+        if named is None:  # ADM evaluator reference batch (or its mu/sigma alone)
+            return cls(mu, sigma, -1, "inception", "legacy_tensorflow", -1,
+                       provenance={"source": f"ADM evaluator reference {Path(path).name} (a mu/sigma file whose name "
+                                             "is not clean-fid's; taken as legacy_tensorflow Inception statistics)"})
+        if named["model"]:
+            raise UserError(f"{path} holds clean-fid statistics of {named['model']} features, which vgen does not "
+                            "compute; use clean-fid's Inception statistics (no model in the name)")
+        kid_path = Path(path).with_name(Path(path).stem + "_kid.npz")
+        feats = None
+        if kid_path.is_file():
+            with open_npz(kid_path) as kid:
+                feats = kid["feats"] if "feats" in kid.files else None
+        resolution = int(named["res"]) if named["res"].isdigit() else -1
+        return cls(mu, sigma, -1, "inception", named["mode"], resolution, feats=feats,
+                   provenance={"source": f"clean-fid statistics {Path(path).name}", "dataset": named["name"],
+                               "split": named["split"]})
+
+
+#: clean-fid's statistics file names: ``{name}_{mode}{_model}_{split}_{res}.npz`` (lower case; ``res`` is ``na`` for
+#: custom statistics), e.g. ``lsun_church_clean_train_256.npz`` or ``cifar10_legacy_tensorflow_test_32.npz``
+CLEANFID_STATS_NAME = re.compile(
+    r"^(?P<name>.+?)_(?P<mode>clean|legacy_tensorflow|legacy_pytorch)(?:_(?P<model>clip_vit_b_32))?_"
+    r"(?P<split>[a-z0-9]+)_(?P<res>\d+|na)\.npz$")
+#: where clean-fid's published statistics are (vgen never downloads them)
+CLEANFID_STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats/"
+CLEANFID_PREFIX = "cleanfid:"
+
+
+def cleanfid_stats_name(file_name: str) -> dict[str, str] | None:
+    """``{name, mode, model, split, res}`` of a clean-fid statistics file name, or None for another name."""
+    match = CLEANFID_STATS_NAME.match(file_name.lower())
+    return {key: value or "" for key, value in match.groupdict().items()} if match else None
+
+
+def cleanfid_stats_dirs() -> list[Path]:
+    """Where a named clean-fid dataset's statistics file is looked for: vgen's cache, then clean-fid's own folder
+    (``<site-packages>/cleanfid/stats``, where clean-fid downloads them)."""
+    import importlib.util
+
+    dirs = [cache_dir() / "fid_stats"]
+    spec = importlib.util.find_spec("cleanfid")
+    if spec is not None and spec.submodule_search_locations:
+        dirs.append(Path(list(spec.submodule_search_locations)[0]) / "stats")
+    return dirs
+
+
+def cleanfid_stats_path(ref: str, mode: str) -> Path:
+    """The statistics file of ``cleanfid:NAME/SPLIT/RES`` (e.g. ``cleanfid:cifar10/train/32``) in ``mode``, or a
+    :class:`UserError` saying where the file must be."""
+    parts = ref[len(CLEANFID_PREFIX):].strip("/").split("/")
+    if len(parts) != 3 or not all(parts):
+        raise UserError(f"--ref {ref!r}: a clean-fid dataset is named cleanfid:NAME/SPLIT/RES, e.g. "
+                        "cleanfid:cifar10/train/32 or cleanfid:ffhq/trainval70k/1024")
+    name, split, res = (part.lower() for part in parts)
+    file_name = f"{name}_{mode}_{split}_{'na' if split == 'custom' else res}.npz"
+    dirs = cleanfid_stats_dirs()
+    for folder in dirs:
+        if (folder / file_name).is_file():
+            return folder / file_name
+    raise UserError(f"clean-fid statistics {file_name} (dataset {name}, split {split}, {res} px, mode {mode}) not "
+                    f"found; vgen never downloads them: put the file (from {CLEANFID_STATS_URL}{file_name}) at "
+                    f"{dirs[0] / file_name}" + (f" or {dirs[1] / file_name}" if len(dirs) > 1 else "")
+                    + ", or pass it by path as --ref")
+
+
+def warn_if_few(n: int, dims: int, what: str) -> None:
+    """Warn when ``n`` images give the statistics of ``dims``-dimensional features: with n <= dims the covariance
+    has rank n - 1 < dims, so FID is biased and unstable."""
+    import warnings
+
+    if 0 < n <= dims:
+        warnings.warn(f"FID from {n} {what} with {dims}-dimensional features: the covariance has rank at most "
+                      f"{n - 1} < {dims}, so the value is biased and unstable; use more than {dims} images "
+                      "(for Inception FID, 10 000 or more)", stacklevel=2)
 
 
 @contextlib.contextmanager
@@ -256,6 +338,7 @@ def make_reference_stats(
         feats = _array_features(extractor, images, batch_size, verbose)
     else:
         feats = folder_features(extractor, folder, batch_size, num_workers, limit=n, verbose=verbose)
+    warn_if_few(len(feats), feats.shape[1], "reference images")
     import vgen
 
     provenance.update(vgen=vgen.__version__, clean_fid=importlib.metadata.version("clean-fid"),
@@ -297,7 +380,7 @@ def compute_fid_report(
     samples: str,
     ref: str,
     features: str | None = None,
-    mode: str = "clean",
+    mode: str | None = None,
     batch_size: int = 64,
     num_workers: int = 0,
     device: str | None = None,
@@ -310,7 +393,10 @@ def compute_fid_report(
 
     Returns ``{"fid", "n_samples", "n_ref", "features", "mode", "resolution", "ref_resolution"}`` plus ``"kid"``
     when ``kid`` (which needs reference features: a folder / images ref, or a stats file that kept them).
-    ``features=None`` takes the reference statistics' feature source (``inception`` for image references).
+    ``features=None`` takes the reference statistics' feature source (``inception`` for image references), and
+    ``mode=None`` their mode (``clean`` for image references).
+    ``ref`` may also name a clean-fid dataset, ``cleanfid:NAME/SPLIT/RES``, whose statistics file of ``mode`` must
+    be on disk (:func:`cleanfid_stats_path`).
     """
     from vgen.eval.features import build_extractor
 
@@ -318,17 +404,23 @@ def compute_fid_report(
         raise UserError(f"--n must be at least 2 (FID needs two images), got {limit}")
     if not os.path.exists(samples):
         raise UserError(f"--samples not found: {samples}")
+    if str(ref).startswith(CLEANFID_PREFIX):
+        ref = str(cleanfid_stats_path(str(ref), mode or "clean"))
     if not os.path.exists(ref):
-        raise UserError(f"--ref not found: {ref}")
+        raise UserError(f"--ref not found: {ref} (a statistics .npz, an image folder or .npz, or a clean-fid "
+                        "dataset as cleanfid:NAME/SPLIT/RES)")
+    features_given = features is not None
     ref_stats = FIDStats.load(ref) if is_stats_file(ref) else None
     if ref_stats is not None:
         features = features or ref_stats.features
+        mode = mode or ref_stats.mode
         if (features, mode) != (ref_stats.features, ref_stats.mode):
             raise UserError(
                 f"reference {ref} was made with features={ref_stats.features} mode={ref_stats.mode}, but this run "
                 f"uses features={features} mode={mode}; pass the same --features/--mode or recompute the reference"
             )
-    extractor = build_extractor(features or "inception", mode, device, inception_path)
+    mode = mode or "clean"
+    extractor = build_extractor(features or "inception", mode, device, inception_path, features_given)
     if ref_stats is not None and ref_stats.digest and ref_stats.digest != extractor.digest:
         raise UserError(f"reference {ref} was made with other {features} weights (digest {ref_stats.digest}, "
                         f"installed {extractor.digest}); recompute it with 'vgen eval fid-ref ... --overwrite'")
@@ -336,6 +428,9 @@ def compute_fid_report(
     if ref_stats is None:
         ref_feats, ref_resolution = _set_features(extractor, ref, batch_size, num_workers, None, verbose)
         ref_stats = FIDStats.from_features(ref_feats, extractor.name, mode, ref_resolution)
+    warn_if_few(len(sample_feats), sample_feats.shape[1], "samples")
+    if ref_stats.n >= 0:
+        warn_if_few(ref_stats.n, ref_stats.mu.shape[0], "reference images")
     mu, sigma = mean_cov(sample_feats)
     report = {
         "fid": frechet_distance(mu, sigma, ref_stats.mu, ref_stats.sigma),

@@ -25,19 +25,28 @@ FEATURES_HELP = (
     "maps float images (B,3,H,W) in [0,255] to features (B,F))"
 )
 MODE_HELP = (
-    "clean-fid mode: 'clean' (PIL bicubic resize outside the net; not comparable with paper numbers) or "
-    "'legacy_tensorflow' (TF1 bilinear resize inside the Inception net; matches TF FID / the ADM protocol)"
+    "clean-fid mode: 'clean' (PIL bicubic resize outside the net; not comparable with paper numbers), "
+    "'legacy_tensorflow' (TF1 bilinear resize inside the Inception net; matches TF FID / the ADM protocol) or "
+    "'legacy_pytorch' (torch bilinear resize, pytorch-fid's Inception: matches pytorch-fid; needs its weights file "
+    "pt_inception-2015-12-05-6726825d.pth)"
 )
+MODES = ["clean", "legacy_tensorflow", "legacy_pytorch"]
 
 
-def _add_feature_args(parser: argparse.ArgumentParser, features_default: str | None) -> None:
-    parser.add_argument("--features", default=features_default, help=FEATURES_HELP)
-    parser.add_argument("--mode", default="clean", choices=["clean", "legacy_tensorflow"], help=MODE_HELP)
+def _add_feature_args(parser: argparse.ArgumentParser, features_default: str | None,
+                      mode_default: str | None = "clean") -> None:
+    features_help = FEATURES_HELP if features_default else (
+        FEATURES_HELP + " (default: the reference statistics' features, else inception; 'shapes' needs no download)")
+    parser.add_argument("--features", default=features_default, help=features_help)
+    mode_help = MODE_HELP if mode_default else MODE_HELP + " (default: the reference statistics' mode, else clean)"
+    parser.add_argument("--mode", default=mode_default, choices=MODES, help=mode_help)
     parser.add_argument(
         "--inception-path",
         default=None,
-        help="Inception weights file inception-2015-12-05.pt (default: $VGEN_INCEPTION_PATH, else clean-fid's "
-        "location /tmp/inception-2015-12-05.pt)",
+        help="Inception weights: the file or its folder; inception-2015-12-05.pt (clean, legacy_tensorflow; default: "
+        "$VGEN_INCEPTION_PATH, else clean-fid's location /tmp/inception-2015-12-05.pt) or, for legacy_pytorch, "
+        "pt_inception-2015-12-05-6726825d.pth (default: beside $VGEN_INCEPTION_PATH, else torch hub's "
+        "checkpoints folder)",
     )
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per feature-network batch")
     parser.add_argument("--num-workers", type=nonnegative_int, default=0, help="data-loader workers for image folders")
@@ -103,12 +112,16 @@ def register_fid(sub) -> None:
         "fid",
         help="FID (and optionally KID) of samples against reference statistics or a folder; prints JSON",
         description="FID of --samples (image folder, or .npz with arr_0 uint8 NHWC as for OpenAI's ADM evaluator) "
-        "against --ref (a stats .npz from 'vgen eval fid-ref', an ADM-style .npz with mu/sigma, an image folder, "
-        "or an .npz of images). Prints JSON: fid, n_samples, n_ref, features, mode, resolution, kid.",
+        "against --ref (a stats .npz from 'vgen eval fid-ref', a clean-fid statistics file NAME_MODE_SPLIT_RES.npz, "
+        "an ADM-style .npz with mu/sigma, an image folder, an .npz of images, or a clean-fid dataset "
+        "cleanfid:NAME/SPLIT/RES). Prints JSON: fid, n_samples, n_ref, features, mode, resolution, kid.",
     )
     parser.add_argument("--samples", required=True, help="folder of images or .npz (arr_0: uint8 N,H,W,3)")
-    parser.add_argument("--ref", required=True, help="reference stats .npz, image .npz, or folder of images")
-    _add_feature_args(parser, features_default=None)
+    parser.add_argument("--ref", required=True,
+                        help="reference: stats .npz (vgen's, clean-fid's or ADM's), image .npz, folder of images, or "
+                        "cleanfid:NAME/SPLIT/RES (e.g. cleanfid:cifar10/train/32: clean-fid's statistics file of "
+                        "--mode, which must be on disk)")
+    _add_feature_args(parser, features_default=None, mode_default=None)
     parser.add_argument("--kid", action="store_true", help="also compute KID (needs reference features)")
     parser.add_argument("--n", type=positive_int, default=None, help="use only the first N readable samples (>= 2)")
     parser.set_defaults(func=_run_fid)
