@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
+import re
 import sys
 import warnings
 
@@ -27,8 +29,40 @@ SUBCOMMAND_MODULES = [
 ]
 
 
+#: OpenMP's wait policy for the CLI unless the user set one (see :func:`main`)
+OMP_WAIT_POLICY = "PASSIVE"
+
+
+def plain_text(text: str) -> str:
+    """reST markup of a docstring (````code````, ``:class:`x```, ```x```) as plain text for ``--help``."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text)
+    return re.sub(r"``([^`]+)``|`([^`]+)`", lambda m: m.group(1) or m.group(2), text)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Help without docstring markup, and with each option's default where its help does not say it already."""
+
+    def _format_text(self, text: str) -> str:
+        # descriptions are not %-formatted by argparse (unless they name %(prog)), so a "%%" would show as typed
+        text = plain_text(text)
+        return super()._format_text(text if "%(prog)" in text else text.replace("%%", "%"))
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = plain_text(action.help or "")
+        no_default = (action.default is None or action.default is False or action.default is argparse.SUPPRESS
+                      or action.default in ([], ()))
+        if not action.option_strings or no_default or action.nargs == 0 or "default" in help_text:
+            return help_text
+        return f"{help_text} (default: %(default)s)" if help_text else "default: %(default)s"
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse parser whose errors are one line on stderr (``vgen <cmd>: error: ...``) and exit code 2."""
+    """argparse parser whose errors are one line on stderr (``vgen <cmd>: error: ...``) and exit code 2, with
+    :class:`HelpFormatter` help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # noqa: D401 - argparse API
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
@@ -60,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OpenMP threads that wait by spinning hold a core each while the other one works; on a shared or busy CPU
+    # that made a 1.3 s generation take 5-15 s (README, "Startup and speed"). PASSIVE waits sleep instead; it
+    # changes scheduling only, never results. Set before torch is imported; an explicit setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

@@ -50,6 +50,8 @@ def register(subparsers) -> None:
                                                     "--out-dir is given)")
     parser.add_argument("--out-dir", default=None, help="also write each image as DIR/NNNN.png")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (it shows on a terminal only, one step per generation step)")
     add_sampling_flags(parser)
     parser.set_defaults(func=run)
 
@@ -124,7 +126,6 @@ def run(args: argparse.Namespace) -> int:
     check_seed_range(args.seed, total)
     grid_path, out_dir = _check_outputs(args, total)
     pipe, model_dir = load_pipeline(args.model, args.device)
-    pipe.set_progress_bar_config(disable=True)
     saved, extra = sampling_from_flags(args, pipe)
     sampling = {**saved, **extra}
     if conditions[0] is not None:  # every prompt / label checked before the first image is written
@@ -142,6 +143,9 @@ def run(args: argparse.Namespace) -> int:
     for start in range(0, total, GENERATE_BATCH):
         batch = per_image[start : start + GENERATE_BATCH]
         seeds = [args.seed + start + j for j in range(len(batch))]
+        # a bar per batch, on a terminal only (tqdm's disable=None), gone once the batch is done
+        pipe.set_progress_bar_config(disable=True if args.no_progress else None, leave=False, unit="step",
+                                     desc=f"images {start + 1}-{start + len(batch)} of {total}")
         images = _generate_batch(pipe, batch, prompt_mode, seeds, sampling)
         for j, image in enumerate(images):
             if out_dir is not None:
