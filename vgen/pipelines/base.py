@@ -59,8 +59,6 @@ from vgen.pipelines.step_callbacks import StepCallbackHook, step_callback_hook
 from vgen.samplers.seeding import per_sample_generators
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-#: extra that brings accelerate (fast, low-memory loading of large checkpoints)
-ACCELERATE_EXTRA = "pip install 'vgen[accelerate]'"
 
 
 class VGenPipeline(DiffusionPipeline):
