@@ -65,7 +65,7 @@ def test_encode_decode_shapes_and_scale_factor():
         assert dec.shape == (2, 3, 8, 8) and float(dec.abs().max()) <= 1.0
         assert torch.allclose(dec, model.decode(z / 0.5).clamp(-1, 1))
         assert torch.allclose(model.img_to_reconstructed_img(img), model.decode(post.mean).clamp(-1, 1))
-        recon, posterior = model(img, generator=torch.Generator().manual_seed(3))
+        recon, _ = model(img, generator=torch.Generator().manual_seed(3))
         assert torch.allclose(recon, model.decode(post.mean + post.std * eps), atol=1e-5)
     model.set_scale_factor(0.25)
     assert model.scale_factor == 0.25 and model.config.scale_factor == 0.25

@@ -94,24 +94,28 @@ class RecordingTokenizerTask(TokenizerTask):
         return metrics
 
 
-def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+def _ddp_worker(rank: int, port: int, out_dir: str, kind: str) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     torch.set_num_threads(1)
-    task = RecordingTokenizerTask(TokenizerTaskConfig(**{**TINY_TASK, "restart_every": 2, "dataset_length": 64}))
+    task = RecordingTokenizerTask(
+        TokenizerTaskConfig(**{**TINY_TASK, "restart_every": 2, "dataset_length": 64, "kind": kind})
+    )
     task.record_dir = out_dir
     cfg = TrainConfig(steps=4, batch_size=4, lr=1e-3, weight_decay=0.0, log_every=1, ckpt_every=0,
                       out_dir=os.path.join(out_dir, "run"))
     train(task, cfg, progress=False)
 
 
-def test_ddp_keeps_codebook_and_usage_statistics_identical_across_ranks(tmp_path):
-    """Code hits are all-reduced and restarts (made from each rank's own batch) are broadcast from rank 0."""
+@pytest.mark.parametrize("kind", ["msvq", "vq"])
+def test_ddp_keeps_codebook_and_usage_statistics_identical_across_ranks(tmp_path, kind):
+    """Code hits are all-reduced (msvq) or gathered into the usage window (vq), and restarts (made from each rank's
+    own batch) are broadcast from rank 0."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path), kind), nprocs=2, join=True)
     sd0, sd1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(sd0[k], sd1[k]) for k in sd0), [k for k in sd0 if not torch.equal(sd0[k], sd1[k])]
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]

@@ -34,7 +34,13 @@ from torch import nn
 
 from vgen.errors import UserError
 
-from .frequency_bands import apply_spectral_mask, band_components, check_band_edges, lowpass_masks, token_share_band_edges
+from .frequency_bands import (
+    apply_spectral_mask,
+    band_components,
+    check_band_edges,
+    lowpass_masks,
+    token_share_band_edges,
+)
 from .msvq import PATCH_NUMS_256, MultiScaleResidualQuantizer, MultiScaleVQModel
 
 

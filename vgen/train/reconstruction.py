@@ -10,7 +10,8 @@ dataset item is ``{"image": (3, H, W) float in [-1, 1], ...}``.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
