@@ -132,6 +132,16 @@ class KVCache:
         """Bytes of key/value storage the cache holds."""
         return sum(t.numel() * t.element_size() for t in self._pools())
 
+    @property
+    def history_nbytes(self) -> int:
+        """Bytes of the keys and values in the committed history now (every layer, head and row); :attr:`nbytes`
+        is the storage allocated for it."""
+        tokens = 0
+        for layer in range(self.num_layers):
+            length = self.history_table(layer)[1]
+            tokens += int(length.sum()) * (self.batch if length.dim() == 2 else 1)  # (H, S) tables serve every row
+        return 2 * tokens * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
     def _pools(self) -> list[torch.Tensor]:
         raise NotImplementedError
 
