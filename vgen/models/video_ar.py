@@ -132,13 +132,22 @@ class VideoBlock(nn.Module):
     def forward(self, x_BLC: torch.Tensor, c_BFC: torch.Tensor, rope_Lp2: torch.Tensor, cond: Condition,
                 **attn_kwargs) -> torch.Tensor:
         """``x_BLC`` (B, F*T, C) tokens, ``c_BFC`` (B, F, C) the AdaLN input of each frame."""
-        ada_BL6C = repeat(self.ada_lin(c_BFC), "B F D -> B (F T) D", T=x_BLC.shape[1] // c_BFC.shape[1])
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = unpack_adaln6(ada_BL6C, self.C)
-        h = self.attn(self.norm(x_BLC) * (1 + scale1) + shift1, rope_Lp2, **attn_kwargs)
-        x_BLC = x_BLC + gamma1 * h
+        B, L, C = x_BLC.shape
+        F_ = c_BFC.shape[1]
+        # each frame's six vectors broadcast over its T tokens (a (B, F, 1, C) view, never repeated per token)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = (a[:, :, None] for a in unpack_adaln6(self.ada_lin(c_BFC),
+                                                                                           self.C))
+
+        def per_frame(x: torch.Tensor) -> torch.Tensor:
+            return x.view(B, F_, L // F_, C)
+
+        h = per_frame(self.norm(x_BLC)) * (1 + scale1) + shift1
+        h = self.attn(h.view(B, L, C), rope_Lp2, **attn_kwargs)
+        x_BLC = x_BLC + (per_frame(h) * gamma1).view(B, L, C)
         if self.cross_attn is not None:
             x_BLC = x_BLC + self.cross_attn(x_BLC, cond.context_BTC, cond.context_mask_BT)
-        return x_BLC + gamma2 * self.ffn(self.norm(x_BLC) * (1 + scale2) + shift2)
+        h = self.ffn((per_frame(self.norm(x_BLC)) * (1 + scale2) + shift2).view(B, L, C))
+        return x_BLC + (per_frame(h) * gamma2).view(B, L, C)
 
 
 @dataclass
