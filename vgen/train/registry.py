@@ -29,6 +29,7 @@ TASKS: dict[str, str] = {
     "tokenizer": "vgen.train.tokenizer_task:TokenizerTask",
     "var": "vgen.train.var_task:VARTask",
     "shapes-features": "vgen.train.shapes_features_task:ShapesFeaturesTask",
+    "video": "vgen.train.video_task:VideoTask",
 }
 
 
