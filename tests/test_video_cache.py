@@ -168,3 +168,25 @@ def test_history_nbytes_counts_the_committed_keys_and_values():
     assert cache.history_nbytes == 0  # a tentative step is not history
     cache.commit([4, 1])  # rows differ: 4 + 1 tokens, 3 heads, 2 layers, keys and values, 8 floats each
     assert cache.history_nbytes == (4 + 1) * 3 * 2 * 2 * 8 * 4
+
+
+def test_full_cache_lets_gradients_flow_through_a_step_that_later_steps_overwrite():
+    """Self forcing backpropagates through one denoising pass over the cache while later passes keep writing to it:
+    the gradient equals the one of plain attention over a copied history."""
+    cache = FullKVCache(batch=1, heads=2, head_dim=8, capacity=12)
+    history = torch.randn(1, 2, 4, 8)
+    cache.attend(0, history, history, history)
+    cache.commit()
+    q, k, v = (torch.randn(1, 2, 4, 8, requires_grad=True) for _ in range(3))
+    out = cache.attend(0, q, k, v, store=False)
+    with torch.no_grad():  # the next pass writes over the rows the step used
+        cache.attend(0, *(torch.zeros(1, 2, 4, 8) for _ in range(3)))
+        cache.commit()
+    out.square().sum().backward()
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    want = torch.nn.functional.scaled_dot_product_attention(q2, torch.cat([history, k2], 2),
+                                                            torch.cat([history, v2], 2))
+    want.square().sum().backward()
+    for got, ref in ((q, q2), (k, k2), (v, v2)):
+        torch.testing.assert_close(got.grad, ref.grad)
+    assert not cache.k.requires_grad and cache.seq_len == 8
