@@ -245,3 +245,30 @@ def test_mp4_needs_the_video_extra_or_writes_h264(tmp_path, monkeypatch):
     with pytest.raises(UserError) as err:
         save_video([video], tmp_path / "b.mp4")
     assert str(err.value) == MP4_MISSING
+
+
+def test_ship_script_writes_fp16_weights_with_a_valid_head_profile(tmp_path):
+    import importlib.util
+
+    from vgen.pipelines.video import VideoPipeline
+
+    spec = importlib.util.spec_from_file_location("ship_video_model",
+                                                  REPO / "configs" / "moving_shapes" / "ship_video_model.py")
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    trained = tmp_path / "final"
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(trained)
+    out = tmp_path / "shipped"
+    assert ship.main([str(trained), "--out", str(out), "--cache", "forcing_kv"]) == 0
+    from safetensors.torch import load_file
+
+    weights = load_file(str(next((out / "transformer").glob("*.safetensors"))))
+    assert all(t.dtype == torch.float16 for t in weights.values() if t.is_floating_point())
+    shipped = VideoPipeline.from_pretrained(out)
+    assert shipped.resolve_sampling()["cache"] == "forcing_kv"
+    shipped.head_profile.check_model(shipped.transformer)  # the fp32 profile fits the fp16 copy
+    assert "final" not in json.loads((out / "model_index.json").read_text())["_name_or_path"]
+    (trained / "head_profile.json").unlink()
+    assert ship.main([str(trained), "--out", str(tmp_path / "again")]) == 2
+    assert not (tmp_path / "again").exists()
