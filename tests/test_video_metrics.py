@@ -52,7 +52,7 @@ def test_frame_fid_separates_real_from_noise():
 
 
 def test_evaluation_driver_and_benchmark_on_a_tiny_model(tmp_path, capsys):
-    from test_video_pipeline import tiny_pipeline  # skips while the sampling layer / autoencoder are missing
+    from test_video_pipeline import tiny_pipeline
     from vgen.eval import bench_video
     from vgen.eval.video_eval import evaluate_video_model
 

@@ -10,11 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-# the flow-sampling layer and the KL autoencoder come from their branches; until main has both, skip
-pytest.importorskip("vgen.samplers.flow_integrate", reason="needs the flow-sampling layer (samplers/flow_*.py)")
-pytest.importorskip("vgen.tokenizers.kl_autoencoder", reason="needs the KL autoencoder (tokenizers branch)")
-
-from vgen.data.shapes import PROMPT_VOCABULARY  # noqa: E402
+from vgen.data.shapes import PROMPT_VOCABULARY
 from vgen.errors import UserError
 from vgen.models.forcing_kv import HeadProfile, model_fingerprint
 from vgen.models.text_encoder import ShapesTextEncoder
@@ -272,3 +268,10 @@ def test_ship_script_writes_fp16_weights_with_a_valid_head_profile(tmp_path):
     (trained / "head_profile.json").unlink()
     assert ship.main([str(trained), "--out", str(tmp_path / "again")]) == 2
     assert not (tmp_path / "again").exists()
+
+
+def test_image_commands_refuse_a_video_model_in_one_line(tmp_path):
+    model = tmp_path / "model"
+    tiny_pipeline().save_pretrained(model)
+    done = _vgen("generate", PROMPT, "--model", str(model), "--out", str(tmp_path / "g.png"), cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "vgen generate-video" in done.stderr

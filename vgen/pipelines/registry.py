@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vgen.errors import UserError
-from vgen.values import finite_float, nonnegative_int, positive_float, probability
+from vgen.values import finite_float, nonnegative_int, positive_float, positive_int, probability
 
 
 def guidance_profile(text: str | Sequence[float]) -> str | list[float]:
@@ -109,11 +109,11 @@ VIDEO_OPTIONS = (
     SamplingOption("cache", one_of("full", "sink_window", "forcing_kv"), "full",
                    "KV cache: 'full' (every frame), 'sink_window' (sink + rolling window) or 'forcing_kv' "
                    "(per-head compressed, needs the model's head profile)", metavar="full|sink_window|forcing_kv"),
-    SamplingOption("sink_frames", non_negative_int, 1, "first frames the sink_window / forcing_kv caches keep"),
+    SamplingOption("sink_frames", nonnegative_int, 1, "first frames the sink_window / forcing_kv caches keep"),
     SamplingOption("window_frames", positive_int, 7, "recent frames the sink_window cache keeps"),
     SamplingOption("recent_frames", positive_int, 1, "recent frames every forcing_kv head keeps whole"),
     SamplingOption("segments_per_frame", positive_int, 4, "forcing_kv: bands a frame is cut into for scoring"),
-    SamplingOption("dynamic_segments", non_negative_int, 4,
+    SamplingOption("dynamic_segments", nonnegative_int, 4,
                    "forcing_kv: most-changed bands a dynamic head keeps"),
 )
 

@@ -108,6 +108,8 @@ class VideoPipeline(VGenPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->autoencoder"
     _optional_components = ["text_encoder"]
     sampling_options = options_of("VideoPipeline")
+    #: what the pipeline makes and the command that writes it (the image commands refuse a video model in one line)
+    produces, produces_command = "videos", "generate-video"
 
     def __init__(
         self, autoencoder, transformer: BlockCausalVideoTransformer, text_encoder=None,

@@ -46,6 +46,7 @@ from vgen.checkpoints import state_dict_mismatch
 from vgen.errors import UserError
 from vgen.models.text_encoder import ShapesTextEncoder
 from vgen.models.video_ar import VIDEO_AR_SIZES, BlockCausalVideoTransformer
+from vgen.samplers.flow_grids import shift_time
 from vgen.train.task import TrainTask
 
 STAGES = ("diffusion_forcing", "self_forcing")
@@ -131,11 +132,6 @@ class VideoLatents(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {"latents": self.latents[index].float(), "caption": self.captions[index], "index": index}
-
-
-def shift_time(u: torch.Tensor, shift: float) -> torch.Tensor:
-    """``s u / (1 + (s - 1) u)``: maps uniform times towards the noise end for ``s > 1``."""
-    return shift * u / (1 + (shift - 1) * u)
 
 
 class VideoTask(TrainTask):
