@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from vgen.data.shapes import PROMPT_VOCABULARY
+from vgen.data.moving_shapes import MOTION_VOCABULARY
 from vgen.errors import UserError
 from vgen.models.forcing_kv import HeadProfile, model_fingerprint
 from vgen.models.text_encoder import ShapesTextEncoder
@@ -31,7 +31,7 @@ def tiny_pipeline(**defaults):
     torch.manual_seed(0)
     autoencoder = AutoencoderKL(z_channels=4, ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, norm_num_groups=4,
                                 encoder_attn_levels=(), scale_factor=1.0).eval()
-    text_encoder = ShapesTextEncoder(vocabulary=list(PROMPT_VOCABULARY), embed_dim=16, depth=1, num_heads=2)
+    text_encoder = ShapesTextEncoder(vocabulary=list(MOTION_VOCABULARY), embed_dim=16, depth=1, num_heads=2)
     transformer = tiny_model(frames_per_block=2, max_frames=8)
     pipe = VideoPipeline(autoencoder=autoencoder, transformer=transformer, text_encoder=text_encoder,
                          **{f"default_{k}": v for k, v in defaults.items()})

@@ -6,13 +6,13 @@ import pytest
 from vgen.data.moving_shapes import (
     DIRECTION_FRAMES,
     DIRECTIONS,
+    MOTION_VOCABULARY,
     SPEED_RANGE,
     MovingShapesDataset,
     MovingShapesWorld,
     motion_caption,
     parse_motion_caption,
 )
-from vgen.data.shapes import PROMPT_VOCABULARY
 from vgen.errors import UserError
 
 
@@ -22,7 +22,7 @@ def test_direction_captions_name_each_object_and_its_first_moves():
     for index in range(40):
         sample = world.sample(index)
         objects = parse_motion_caption(sample.caption)
-        assert 1 <= len(objects) <= 2 and set(sample.caption.split()) <= set(PROMPT_VOCABULARY)
+        assert 1 <= len(objects) <= 2 and set(sample.caption.split()) <= set(MOTION_VOCABULARY)
         assert [(o.shape, o.color) for o in sample.objects[0]] == [(s, c) for s, c, _ in objects]
         assert sample.directions == tuple(d for _, _, d in objects)
         assert sample.caption == motion_caption(objects)

@@ -30,6 +30,7 @@ from vgen.data.shapes import (
     COLOR_NAMES,
     COLOR_RGB,
     MAX_TILT_DEG,
+    PROMPT_VOCABULARY,
     SHAPE_NAMES,
     ShapeObject,
     _check_seed,
@@ -47,6 +48,9 @@ MOTIONS = ("bounce", "directions")
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 #: with ``motion="directions"`` an object moves this many frames in its captioned direction before it may bounce
 DIRECTION_FRAMES = 4
+#: every word a Moving Shapes caption can contain (the Shapes words plus the directions): a video model's text
+#: encoder builds its vocabulary from this
+MOTION_VOCABULARY: tuple[str, ...] = PROMPT_VOCABULARY + tuple(d for d in DIRECTIONS if d not in PROMPT_VOCABULARY)
 
 
 @dataclass

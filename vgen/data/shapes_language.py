@@ -42,10 +42,10 @@ COLOR_RGB: dict[str, tuple[int, int, int]] = {
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 RELATIONS = ("left of", "right of", "above", "below")
-# Every word a Shapes caption can contain ("moving" and the directions left, right, up, down come from the
-# moving-shapes captions); text encoders build their vocabulary from this.
+# Every word a Shapes caption can contain ("moving" ends the moving-shapes captions); text encoders build their
+# vocabulary from this.
 PROMPT_VOCABULARY: tuple[str, ...] = (
-    ("a", "an", "photo", "of", "and", "left", "right", "above", "below", "moving", "up", "down")
+    ("a", "an", "photo", "of", "and", "left", "right", "above", "below", "moving")
     + SHAPE_NAMES
     + tuple(SHAPE_PLURALS.values())
     + COLOR_NAMES

@@ -181,10 +181,10 @@ class VideoTask(TrainTask):
                     cond_drop_rate=cfg.cond_drop_rate)
 
     def _new_module(self) -> VideoTrainModule:
-        from vgen.data.shapes import PROMPT_VOCABULARY
+        from vgen.data.moving_shapes import MOTION_VOCABULARY
 
         cfg = self.cfg
-        text_encoder = ShapesTextEncoder(vocabulary=list(PROMPT_VOCABULARY), embed_dim=cfg.text_embed_dim,
+        text_encoder = ShapesTextEncoder(vocabulary=list(MOTION_VOCABULARY), embed_dim=cfg.text_embed_dim,
                                          depth=cfg.text_depth, num_heads=cfg.text_heads,
                                          max_length=cfg.text_max_length, word_mixing=cfg.text_word_mixing)
         return VideoTrainModule(BlockCausalVideoTransformer(**self.transformer_kwargs()), text_encoder)
