@@ -30,6 +30,7 @@ TASKS: dict[str, str] = {
     "autoencoder": "vgen.train.autoencoder_task:AutoencoderTask",
     "var": "vgen.train.var_task:VARTask",
     "shapes-features": "vgen.train.shapes_features_task:ShapesFeaturesTask",
+    "video": "vgen.train.video_task:VideoTask",
 }
 
 
