@@ -24,6 +24,8 @@ SUBCOMMAND_MODULES = [
     "sample",
     "train",
     "generate",
+    "generate_video",
+    "profile_heads",
     "convert",
     "bench",
 ]

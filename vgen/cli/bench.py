@@ -13,6 +13,7 @@ from vgen.cli import OneLineErrorParser
 
 TARGETS = {
     "kernels": ("vgen.eval.bench_kernels", "compressed-KV-cache kernels vs torch SDPA and copy bandwidth (CUDA)"),
+    "video": ("vgen.eval.bench_video", "video generation per KV cache: FPS, first-frame latency, cache bytes"),
 }
 
 

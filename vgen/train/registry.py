@@ -27,8 +27,10 @@ from vgen.errors import UserError
 #: task name -> "module:Class" of a TrainTask subclass (imported only when the task is used).
 TASKS: dict[str, str] = {
     "tokenizer": "vgen.train.tokenizer_task:TokenizerTask",
+    "autoencoder": "vgen.train.autoencoder_task:AutoencoderTask",
     "var": "vgen.train.var_task:VARTask",
     "shapes-features": "vgen.train.shapes_features_task:ShapesFeaturesTask",
+    "video": "vgen.train.video_task:VideoTask",
 }
 
 
