@@ -24,7 +24,8 @@ them into ``model_index.json`` (``default_<name>``) and ``from_pretrained`` give
 3. ``output_type="latent"``: return ``self.latent_output(latents, return_dict)`` before decoding, and implement
    ``latents_to_images(latents) -> (B, 3, H, W)`` in [0, 1]; ``pipe.decode_latents(latents, output_type)`` then
    turns latent output into the images the same call would have returned.
-4. Optionally ``card_facts()`` (family facts for the model card, e.g. resolution). Saving with dtypes and variants,
+4. Optionally ``card_facts()`` (family facts for the model card, e.g. resolution) and ``output_field = "frames"``
+   for families whose output holds frames (the card's loading example). Saving with dtypes and variants,
    model cards, quiet loading (no accelerate warning), ``dtype=`` on every diffusers version and the
    ``enable_model_cpu_offload`` message come by inheritance.
 
@@ -74,6 +75,8 @@ class VGenPipeline(DiffusionPipeline):
     _default_callback_tensor_inputs: ClassVar[tuple[str, ...]] = ()
     #: what ``output_type="latent"`` returns, in one sentence for docs and model cards ("" = no latent output)
     latent_description: ClassVar[str] = ""
+    #: the output field a call's results are in (the model card's example reads it): ``images``, or ``frames``
+    output_field: ClassVar[str] = "images"
 
     def __init_subclass__(cls, **kwargs):
         """Make every vgen pipeline class visible to diffusers' generic loader: ``DiffusionPipeline.from_pretrained``

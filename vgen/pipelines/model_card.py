@@ -131,7 +131,8 @@ def pipeline_facts(pipe, folder: Path) -> dict[str, Any]:
         conditioning = "unconditional"
     return {"family": family, "class_name": class_name, "conditioning": conditioning, "components": components,
             "facts": dict(pipe.card_facts()), "defaults": pipe.sampling_defaults(),
-            "latent": pipe.latent_description, "text": pipe.is_text_conditional}
+            "latent": pipe.latent_description, "text": pipe.is_text_conditional,
+            "output_field": getattr(pipe, "output_field", "images")}
 
 
 def card_text(pipe, folder: Path, info: ModelCardInfo) -> str:
@@ -196,7 +197,8 @@ def load_instructions(facts: dict, folder_name: str) -> list[str]:
              "`pip install -e .` in a checkout).",
              "", "```python", "import torch", "from vgen.pipelines import load_pipeline", "",
              f'pipe, _ = load_pipeline("{folder_name}")  # any vgen family; checks the folder first',
-             f"images = pipe({condition}, generator=torch.Generator().manual_seed(0)).images", "```", ""]
+             f"{facts['output_field']} = pipe({condition}, generator=torch.Generator().manual_seed(0))."
+             f"{facts['output_field']}", "```", ""]
     if module:
         lines += ["With diffusers' own loader, import the family's module first (it registers the pipeline class "
                   "with diffusers; without it diffusers stops with `module diffusers has no attribute "
