@@ -104,16 +104,17 @@ class LlamaAttention(nn.Module):
         """``x_BLC`` (B, L, C); ``rope_Lp2`` (L, c/2, 2) or per row (B, L, c/2, 2). Without ``cache``: causal over
         the L tokens (or ``mask`` (B, 1, L, L), True = visible). With ``cache``: the L tokens attend to the cached
         history and causally to each other; their keys/values are stored tentatively."""
-        q_BHLc, k_BHLc, v_BHLc = rearrange(
-            self.wqkv(x_BLC), "B L (three H c) -> three B H L c", three=3, H=self.num_heads
-        ).unbind(0)
-        q_BHLc, k_BHLc = apply_llama_rope(q_BHLc, rope_Lp2), apply_llama_rope(k_BHLc, rope_Lp2)
+        B, L, C = x_BLC.shape
+        # view/permute rather than einops: this runs once per layer per decoded unit, where call overhead shows
+        qkv_3BHLc = self.wqkv(x_BLC).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qk_2BHLc = apply_llama_rope(qkv_3BHLc[:2], rope_Lp2)  # q and k rotated in one call (the table broadcasts)
+        q_BHLc, k_BHLc, v_BHLc = qk_2BHLc[0], qk_2BHLc[1], qkv_3BHLc[2]
         if cache is not None:
             out_BHLc = cache.attend(layer, q_BHLc, k_BHLc, v_BHLc, causal=True)
         else:
             dropout_p = self.attn_dropout_p if self.training else 0.0
             out_BHLc = attention(q_BHLc, k_BHLc, v_BHLc, mask, causal=mask is None, dropout_p=dropout_p)
-        return self.resid_dropout(self.wo(rearrange(out_BHLc, "B H L c -> B L (H c)")))
+        return self.resid_dropout(self.wo(out_BHLc.transpose(1, 2).reshape(B, L, C)))
 
 
 class LlamaBlock(nn.Module):
