@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from vgen.data import PROMPT_VOCABULARY
 from vgen.errors import UserError
 from vgen.models.raster_ar import RASTER_AR_SIZES, RasterAR, TokenShuffle, TokenUnshuffle, create_raster_ar
 from vgen.models.text_encoder import ShapesTextEncoder
@@ -25,7 +26,7 @@ def tiny(**kw):
 
 
 def text_condition(model, prompts):
-    encoder = ShapesTextEncoder(embed_dim=16, depth=1, num_heads=2).eval()
+    encoder = ShapesTextEncoder(vocabulary=PROMPT_VOCABULARY, embed_dim=16, depth=1, num_heads=2).eval()
     ids, mask = encoder.tokenize(prompts)
     pooled, tokens = encoder(ids, mask)
     return model.text_condition(pooled, tokens, mask)

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from einops import rearrange
@@ -423,9 +424,10 @@ class RasterAR(ModelMixin, ConfigMixin, ConditionedModel):
         return self.token_shuffle(emb_BnkC)
 
     def unit_logits(self, h_BnC: torch.Tensor) -> torch.Tensor:
-        """Final states (B, n, C) -> float32 logits (B, n, k, V) for the codes of the next unit."""
-        h_BnkC = h_BnC[:, :, None] if self.k == 1 else self.token_unshuffle(h_BnC)
-        return self.output(self.norm(h_BnkC)).float()
+        """Final states (B, n, C) -> float32 logits (B, n, k, V) for the codes of the next unit (the head runs in
+        float32 whatever the model's dtype, so half-precision models keep full-precision logits for sampling)."""
+        h_BnkC = self.norm(h_BnC[:, :, None] if self.k == 1 else self.token_unshuffle(h_BnC))
+        return F.linear(h_BnkC.float(), self.output.weight.float())
 
     def prefix(self, cond: Condition) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Condition tokens (B, P, C) and, for text rows, the prefix mask (B, P) (True = the row's own token; the
