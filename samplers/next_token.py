@@ -7,7 +7,7 @@ Per step (one unit: a code, or an ``s x s`` window of codes): CFG with the sched
 With :class:`~vgen.samplers.guidance.ConstantCFG`, ``guidance_scale = cfg_scale`` and
 :func:`~vgen.samplers.guidance.llamagen_cfg_interval` this is LlamaGen's ``generate`` (``uncond + (cond - uncond) *
 cfg`` from the first token on), except that randomness comes from one generator per image. Guidance schedules over
-the steps (:class:`~vgen.samplers.guidance.RampUpCFG`: Token-Shuffle's ramp over tokens) plug in the same way. Once
+the steps (:class:`~vgen.samplers.guidance.WeightRampCFG`: Token-Shuffle's ramp over tokens) plug in the same way. Once
 no later step is guided, the unconditional rows are dropped from the state, so the rest of the image costs B rows,
 not 2B.
 

@@ -9,7 +9,7 @@ import torch
 from vgen.samplers.guidance import (
     ConstantCFG,
     FirstStepsCFG,
-    RampUpCFG,
+    WeightRampCFG,
     combine_cfg,
     guidance_is_off,
     llamagen_cfg_interval,
@@ -115,12 +115,12 @@ def test_cfg_rows_are_dropped_after_the_last_guided_step():
 
 
 def test_schedules_over_steps():
-    assert guidance_weights(RampUpCFG(), 3.0, 5) == [1.0, 1.5, 2.0, 2.5, 3.0]
+    assert guidance_weights(WeightRampCFG(), 3.0, 5) == [1.0, 1.5, 2.0, 2.5, 3.0]
     assert guidance_weights(ConstantCFG(), 2.0, 3) == [2.0, 2.0, 2.0]
     # LlamaGen's cfg_interval = c guides its first token and decode steps 0..c: the first c + 2 tokens
     assert guidance_weights(llamagen_cfg_interval(ConstantCFG(), 1), 2.0, 5) == [2.0, 2.0, 2.0, 1.0, 1.0]
     assert llamagen_cfg_interval(ConstantCFG(), -1) == ConstantCFG()
-    assert guidance_is_off(RampUpCFG(), 1.0, 10) and not guidance_is_off(RampUpCFG(), 1.5, 10)
+    assert guidance_is_off(WeightRampCFG(), 1.0, 10) and not guidance_is_off(WeightRampCFG(), 1.5, 10)
     with pytest.raises(ValueError, match="cfg_interval must be -1"):
         llamagen_cfg_interval(ConstantCFG(), -2)
 
