@@ -5,11 +5,11 @@ Per step (one unit: a code, or an ``s x s`` window of codes): CFG with the sched
 -> per-sample sampling -> one ``decode`` pass of the sampled unit (KV-cached) -> commit.
 
 With :class:`~vgen.samplers.guidance.ConstantCFG`, ``guidance_scale = cfg_scale`` and
-:func:`~vgen.samplers.guidance.llamagen_cfg_interval` this is LlamaGen's ``generate`` (``uncond + (cond - uncond) *
-cfg`` from the first token on), except that randomness comes from one generator per image. Guidance schedules over
-the steps (:class:`~vgen.samplers.guidance.WeightRampCFG`: Token-Shuffle's ramp over tokens) plug in the same way. Once
-no later step is guided, the unconditional rows are dropped from the state, so the rest of the image costs B rows,
-not 2B.
+:func:`~vgen.samplers.guidance.llamagen_cfg_interval` this is LlamaGen's ``generate``: ``uncond + (cond - uncond) *
+cfg`` in that order (:func:`~vgen.samplers.guidance.combine_cfg_difference`) from the first token on, except that
+randomness comes from one generator per image. Schedules over the steps
+(:class:`~vgen.samplers.guidance.WeightRampCFG`: Token-Shuffle's ramp over tokens) plug in the same way. Once no later
+step is guided, the unconditional rows are dropped from the state, so the rest of the image costs B rows, not 2B.
 
 Speed: the cache is preallocated once by ``prefill``; each step is one forward of one unit per row and no host
 synchronisation (the noise of every step is drawn from the per-image generators before the first step).
@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-from vgen.samplers.guidance import ConstantCFG, GuidanceSchedule, combine_cfg
+from vgen.samplers.guidance import ConstantCFG, GuidanceSchedule, combine_cfg_difference
 from vgen.samplers.interfaces import NextTokenModel
 from vgen.samplers.logits import Generators, per_sample_uniform, sample_from_logits
 from vgen.samplers.next_scale import TokenSampling
@@ -98,7 +98,7 @@ def generate_next_token(
     for step in steps:
         logits_BkV = logits_RkV.float()
         if rows > batch_size:
-            logits_BkV = combine_cfg(logits_BkV[:batch_size], logits_BkV[batch_size:], weights[step])
+            logits_BkV = combine_cfg_difference(logits_BkV[:batch_size], logits_BkV[batch_size:], weights[step])
         if keep_logits:
             all_logits[:, step] = logits_BkV
         if step < forced:

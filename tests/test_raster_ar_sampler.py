@@ -10,7 +10,7 @@ from vgen.samplers.guidance import (
     ConstantCFG,
     FirstStepsCFG,
     WeightRampCFG,
-    combine_cfg,
+    combine_cfg_difference,
     guidance_is_off,
     llamagen_cfg_interval,
 )
@@ -110,7 +110,7 @@ def test_cfg_rows_are_dropped_after_the_last_guided_step():
     cond_logit[1] = 2.0
     uncond_logit = torch.zeros(V)
     uncond_logit[0] = 3.0
-    assert torch.allclose(guided.logits_BNkV[0, 0, 0], combine_cfg(cond_logit, uncond_logit, 3.0))
+    assert torch.allclose(guided.logits_BNkV[0, 0, 0], combine_cfg_difference(cond_logit, uncond_logit, 3.0))
     assert guided.logits_BNkV[0, 3, 0].max() == 2.0
 
 

@@ -121,6 +121,37 @@ VAR_OPTIONS = (
 )
 
 
+def cfg_interval(text: str | int) -> int:
+    """LlamaGen's ``cfg_interval``: -1 (guide every step) or a step count >= 0."""
+    value = int(text)
+    if value < -1:
+        raise ValueError(f"must be -1 (every step) or >= 0, got {text}")
+    return value
+
+
+def raster_guidance_schedule(text: str) -> str:
+    """``constant`` or ``ramp`` (see :mod:`vgen.pipelines.raster_ar`)."""
+    if text not in ("constant", "ramp"):
+        raise ValueError(f"must be 'constant' or 'ramp', got {text!r}")
+    return text
+
+
+RASTER_AR_OPTIONS = (
+    SamplingOption("guidance_scale", finite_float, 2.0,
+                   "classifier-free guidance weight w: uncond + w (cond - uncond), LlamaGen's cfg_scale (1 = off)"),
+    SamplingOption("top_k", non_negative_int, 0, "top-k filtering, 0 = off, 1 = greedy"),
+    SamplingOption("top_p", probability, 1.0, "top-p (nucleus) filtering, 0 or 1 = off"),
+    SamplingOption("temperature", positive_float, 1.0, "sampling temperature (> 0; use top-k 1 for greedy)"),
+    SamplingOption("guidance_schedule", raster_guidance_schedule, "constant",
+                   "how the guidance weight moves over the generated tokens: 'constant' (LlamaGen) or 'ramp' (from 1 "
+                   "at the first step to the guidance scale at the last, Token-Shuffle's schedule)",
+                   metavar="constant|ramp"),
+    SamplingOption("cfg_interval", cfg_interval, -1,
+                   "LlamaGen's cfg_interval: guide only the first N + 2 steps (tokens or Token-Shuffle windows); "
+                   "-1 = every step", metavar="N"),
+)
+
+
 @dataclass(frozen=True)
 class PipelineEntry:
     """Where a pipeline class lives (``"module:Class"``), the family's name for help texts, and its options."""
@@ -132,6 +163,8 @@ class PipelineEntry:
 
 PIPELINES: dict[str, PipelineEntry] = {
     "VARPipeline": PipelineEntry("vgen.pipelines.var:VARPipeline", "VAR", VAR_OPTIONS),
+    "RasterARPipeline": PipelineEntry("vgen.pipelines.raster_ar:RasterARPipeline", "raster AR",
+                                      RASTER_AR_OPTIONS),
 }
 
 
