@@ -28,6 +28,7 @@ from vgen.errors import UserError
 TASKS: dict[str, str] = {
     "tokenizer": "vgen.train.tokenizer_task:TokenizerTask",
     "var": "vgen.train.var_task:VARTask",
+    "raster-ar": "vgen.train.raster_ar_task:RasterARTask",
     "shapes-features": "vgen.train.shapes_features_task:ShapesFeaturesTask",
 }
 
