@@ -13,6 +13,8 @@ from vgen.cli import OneLineErrorParser
 
 TARGETS = {
     "kernels": ("vgen.eval.bench_kernels", "compressed-KV-cache kernels vs torch SDPA and copy bandwidth (CUDA)"),
+    "next-token": ("vgen.eval.bench_next_token",
+                   "next-token pipelines (raster AR, Token-Shuffle windows) against the first one: images/s ratios"),
 }
 
 

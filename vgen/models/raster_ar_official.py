@@ -39,7 +39,7 @@ def official_llamagen_config(sd: Mapping[str, torch.Tensor], num_heads: int | No
             "this is a text-to-image LlamaGen checkpoint (cls_embedding.cap_proj.*, T5 captions); vgen loads the "
             "class-conditional c2i_* files"
         )
-    required = ("tok_embeddings.weight", "cls_embedding.embedding_table.weight", "output.weight", "norm.weight")
+    required = ("tok_embeddings.weight", "cls_embedding.embedding_table.weight")
     missing = [k for k in required if k not in sd]
     if missing:
         raise UserError(f"not an official LlamaGen GPT checkpoint: missing key(s) {', '.join(missing)}")
