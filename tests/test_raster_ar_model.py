@@ -164,6 +164,21 @@ def test_state_select_keeps_rows():
     assert (out - ref[[2, 0], 3:6]).abs().max() < 1e-5
 
 
+def test_state_clone_is_independent():
+    model = tiny(shuffle_window=2)
+    cond = condition(model, 2)
+    units = model.to_units(torch.randint(0, 64, (2, 16)))
+    with torch.no_grad():
+        state, _ = model.prefill(cond)
+        model.decode(units[:, :1], state)
+        state.cache.commit()
+        copy = state.clone()
+        a = model.decode(units[:, 1:3], copy)  # a branch that is thrown away
+        copy.cache.commit()
+        b = model.decode(units[:, 1:3], state)
+    assert torch.equal(a, b) and state.units_B.tolist() == [1, 1] and copy.units_B.tolist() == [3, 3]
+
+
 def test_training_mode_drops_conditions_and_tokens():
     model = tiny(class_dropout_prob=1.0).train()
     tokens = torch.randint(0, 64, (2, 16))

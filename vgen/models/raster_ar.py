@@ -255,6 +255,10 @@ class RasterARStepState:
         units_B = torch.as_tensor(units_B, dtype=torch.long).reshape(-1).expand(self.prefix_len_B.shape[0])
         self.cache.truncate(self.prefix_len_B + units_B)
 
+    def clone(self) -> RasterARStepState:
+        """An independent copy (cache storage included), e.g. to explore drafts from the same prefix."""
+        return RasterARStepState(self.cache.clone(), self.prefix_len_B.clone())
+
     def select(self, index_B: torch.Tensor) -> None:
         """Keep, reorder or repeat rows (cache included), e.g. drop the unconditional half once CFG is over."""
         index_B = torch.as_tensor(index_B, dtype=torch.long).reshape(-1)
