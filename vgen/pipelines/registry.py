@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vgen.errors import UserError
-from vgen.values import finite_float, nonnegative_int, positive_float, probability
+from vgen.values import bounded_int, finite_float, nonnegative_int, positive_float, probability
 
 
 def guidance_profile(text: str | Sequence[float]) -> str | list[float]:
@@ -87,10 +87,12 @@ VAR_OPTIONS = (
 
 def cfg_interval(text: str | int) -> int:
     """LlamaGen's ``cfg_interval``: -1 (guide every step) or a step count >= 0."""
-    value = int(text)
-    if value < -1:
-        raise ValueError(f"must be -1 (every step) or >= 0, got {text}")
-    return value
+    try:
+        return bounded_int(text, -1)
+    except ValueError as err:
+        if str(err).startswith("must "):
+            raise ValueError(f"must be -1 (every step) or >= 0, got {str(text)[:40]}") from None
+        raise
 
 
 def raster_guidance_schedule(text: str) -> str:
@@ -103,7 +105,7 @@ def raster_guidance_schedule(text: str) -> str:
 RASTER_AR_OPTIONS = (
     SamplingOption("guidance_scale", finite_float, 2.0,
                    "classifier-free guidance weight w: uncond + w (cond - uncond), LlamaGen's cfg_scale (1 = off)"),
-    SamplingOption("top_k", non_negative_int, 0, "top-k filtering, 0 = off, 1 = greedy"),
+    SamplingOption("top_k", nonnegative_int, 0, "top-k filtering, 0 = off, 1 = greedy"),
     SamplingOption("top_p", probability, 1.0, "top-p (nucleus) filtering, 0 or 1 = off"),
     SamplingOption("temperature", positive_float, 1.0, "sampling temperature (> 0; use top-k 1 for greedy)"),
     SamplingOption("guidance_schedule", raster_guidance_schedule, "constant",
