@@ -64,6 +64,27 @@ class StepState(Protocol):
 
 
 @runtime_checkable
+class NextTokenState(Protocol):
+    """What a :class:`NextTokenModel`'s ``prefill`` returns: the cache plus per-row unit bookkeeping, which the
+    speculative samplers (:mod:`vgen.samplers.speculative_core`) use to roll rejected drafts back row by row."""
+
+    cache: StepKVCache
+
+    @property
+    def units_B(self) -> torch.Tensor:
+        """Image units committed per row, int64 (B,) on the CPU."""
+        ...
+
+    def truncate_units(self, units_B: int | torch.Tensor) -> None:
+        """Keep at most ``units_B`` committed units per row (an int or (B,)); other rows' caches are untouched."""
+        ...
+
+    def select(self, index_B: torch.Tensor) -> None:
+        """Keep, reorder or repeat rows."""
+        ...
+
+
+@runtime_checkable
 class NextScaleModel(Protocol):
     """Next-scale prediction (VAR, NFIG): scale ``si`` is predicted in one pass from scales ``< si``.
 
