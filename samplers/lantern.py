@@ -10,9 +10,9 @@ the target's probability of the draft ``x`` with that of its nearest codebook ne
 
 and accepts with ``min(1, p~(x) / q(x))``. Moving at most ``delta`` of mass onto ``x`` keeps the modified target
 within total variation ``delta`` of ``p`` (the paper's bound). On rejection the code is resampled from
-``max(0, p - q)`` with ``x`` and its pooled neighbours ``A(x)`` removed (for a point-mass draft, as in the official
-EAGLE-tree code, this is exactly its rule: zero ``p`` at ``x`` and at the pooled neighbours, renormalise), falling
-back to ``max(0, p - q)`` and then ``p`` when that leaves nothing. ``delta = 0`` is the exact rule.
+``max(0, p - q)`` with the pooled neighbours ``A(x)`` removed (for a point-mass draft, as in the official EAGLE-tree
+code, this is exactly its rule: zero ``p`` at ``x`` and at the pooled neighbours, renormalise), falling back to
+``max(0, p - q)`` and then ``p`` when that leaves nothing. ``delta = 0`` is the exact rule.
 
 Neighbours come from the tokenizer (e.g. :meth:`vgen.tokenizers.single_scale_vq.SingleScaleVQModel.codebook_neighbours`)
 as a table passed in: this module never sees a model. It plugs into every draft/verify loop of vgen
@@ -74,11 +74,11 @@ class LanternVerifier:
         return (pooled / qx.clamp_min(torch.finfo(qx.dtype).tiny)).clamp(max=1.0)
 
     def residual(self, p_BkV, q_BkV, x_Bk):
+        # x itself needs no removal: a rejection implies p(x) < q(x), so max(0, p - q) is 0 there already
         _, pool_BkK = self.pooled(p_BkV, x_Bk)
-        removed_BkV = torch.zeros_like(p_BkV, dtype=torch.bool)
-        removed_BkV.scatter_(-1, x_Bk[..., None], True)
-        pool_ok = pool_BkK >= 0
-        removed_BkV.scatter_(-1, torch.where(pool_ok, pool_BkK, x_Bk[..., None]), True)
+        hits_BkV = torch.zeros_like(p_BkV, dtype=torch.long).scatter_add_(-1, pool_BkK.clamp_min(0),
+                                                                           (pool_BkK >= 0).long())
+        removed_BkV = hits_BkV > 0
         residual = torch.where(removed_BkV, 0.0, (p_BkV - q_BkV).clamp_min(0.0))
         empty = residual.sum(-1, keepdim=True) <= 0
         return torch.where(empty, exact_residual(p_BkV, q_BkV), residual)

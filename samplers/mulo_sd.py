@@ -240,4 +240,5 @@ def generate_mulo_sd(
     stats.target_forwards += tgt.forwards_B
     stats.drafter_forwards += dft.forwards_B
     stats.units += N
-    return SpeculativeOutput(target.to_raster(tokens_BN[:, :, None]), tokens_BN[:, :, None], stats)
+    return SpeculativeOutput(target.to_raster(tokens_BN[:, :, None]), tokens_BN[:, :, None], stats,
+                             drafter.to_raster(low_Bn[:, :, None]))

@@ -310,11 +310,13 @@ class SpeculativeStats:
 @dataclass
 class SpeculativeOutput:
     """``tokens_BL`` raster-order code ids (B, L) for the tokenizer; ``units_BNk`` the same codes per step;
-    ``stats`` the per-image counts."""
+    ``stats`` the per-image counts; ``drafter_tokens_BL`` the drafter's own codes where they are not the target's
+    (MuLo-SD's low-resolution drafts), else None."""
 
     tokens_BL: torch.Tensor
     units_BNk: torch.Tensor
     stats: SpeculativeStats
+    drafter_tokens_BL: torch.Tensor | None = None
 
 
 class UnitBuffer:

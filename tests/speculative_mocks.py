@@ -67,14 +67,16 @@ class TableModel:
     """Random conditional tables: ``N`` units of ``k`` codes from a vocabulary of ``V``, ``num_labels`` labels."""
 
     def __init__(self, seed: int, V: int = 4, N: int = 4, k: int = 1, num_labels: int = 3, scale: float = 1.0,
-                 margin: int = 16):
+                 margin: int = 16, iid: bool = False):
         g = torch.Generator().manual_seed(seed)
         self.vocab_size, self.sequence_length, self.tokens_per_step = V, N, k
         self.unit_values = V**k
-        self.margin = margin
+        self.margin, self.iid = margin, iid
         # tables[j]: (num_labels + 1, unit_values ** j, k, V): logits of unit j given the label (row 0 = null) and
-        # the j units before it (encoded in base unit_values, earliest unit most significant)
-        self.tables = [torch.randn(num_labels + 1, self.unit_values**j, k, V, generator=g) * scale for j in range(N)]
+        # the j units before it (encoded in base unit_values, earliest unit most significant); with ``iid`` one
+        # table (num_labels + 1, 1, k, V) serves every position, whatever came before
+        sizes = [1] if iid else [self.unit_values**j for j in range(N)]
+        self.tables = [torch.randn(num_labels + 1, size, k, V, generator=g) * scale for size in sizes]
         self.decode_calls = 0
 
     # -- interface ---------------------------------------------------------------------------------------------
@@ -109,6 +111,8 @@ class TableModel:
     def _logits(self, state: TableState, position_Rn: torch.Tensor) -> torch.Tensor:
         """Logits (R, n, k, V) of the units at ``position_Rn`` given the history before them (zeros past N)."""
         R, n = position_Rn.shape
+        if self.iid:
+            return self.tables[0][state.labels_R + 1, 0][:, None].expand(R, n, -1, -1).clone()
         out = torch.zeros(R, n, self.tokens_per_step, self.vocab_size)
         codes_RM = self.unit_codes(state.history_RMk)
         label_R = state.labels_R + 1
