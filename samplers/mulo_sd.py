@@ -8,8 +8,8 @@ on the same tokenizer. Per round and image:
 2. an up-sampler turns every low-resolution row drafted so far into ``r`` times as many target rows (a learned latent
    up-sampler, or decode -> resize -> re-encode), and the round's ``r * draft_rows`` target rows are the draft;
 3. the target scores every drafted position in one pass (teacher-forced on the drafts);
-4. a position is rejected when the target's probability pooled over the ``pool_k`` nearest codebook entries of its
-   draft code (the code itself included) is below ``tau``; every rejection grows into its neighbourhood of
+4. a position is rejected when the target's probability pooled over its draft code and the code's ``neighbours``
+   nearest codebook entries is below ``tau``; every rejection grows into its neighbourhood of
    Chebyshev radius ``radius`` (clipped to the round's rows, and only from the first rejection on in raster order,
    since earlier positions were accepted in their own right);
 5. each 8-connected island of rejected positions is resampled from the target given the accepted context, all
@@ -99,10 +99,10 @@ def island_waves(labels_BL: torch.Tensor) -> torch.Tensor:
 
 
 def pooled_probability(p_BLV: torch.Tensor, draft_BL: torch.Tensor, neighbours_VK: torch.Tensor,
-                       pool_k: int) -> torch.Tensor:
-    """Target probability pooled over the ``pool_k`` nearest codebook entries of each draft code (the code itself
-    is the first of them): (B, L)."""
-    table = neighbours_VK[:, :pool_k].to(draft_BL.device)
+                       neighbours: int) -> torch.Tensor:
+    """Target probability pooled over each draft code and its ``neighbours`` nearest codebook entries (the table's
+    first column is the code itself): (B, L)."""
+    table = neighbours_VK[:, : neighbours + 1].to(draft_BL.device)
     return p_BLV.gather(-1, table[draft_BL]).sum(-1)
 
 
@@ -147,7 +147,7 @@ def generate_mulo_sd(
     upsample: Upsampler,
     neighbours_VK: torch.Tensor,
     tau: float = 0.3,
-    pool_k: int = 8,
+    neighbours: int = 8,
     radius: int = 1,
     draft_rows: int = 1,
     guidance_scale: float = 1.0,
@@ -164,7 +164,7 @@ def generate_mulo_sd(
         upsample: low-resolution rows (B, rows, g) -> target rows (B, r rows, G).
         neighbours_VK: int64 (V, K) nearest codes of every code, the code itself first.
         tau: acceptance threshold on the pooled probability (0 = keep every draft; > 1 = target-only sampling).
-        pool_k: codebook entries pooled per position (1 = the draft code alone).
+        neighbours: nearest codebook entries pooled with each draft code (0 = the draft code alone).
         radius: neighbourhood radius ``l`` of every rejection.
         draft_rows: drafter rows per round.
         guidance_scale, guidance_schedule, sampling: for both models, as in the plain loop.
@@ -181,8 +181,8 @@ def generate_mulo_sd(
     if G * G != N or g * g != n or G % g or G == g:
         raise ValueError(f"MuLo-SD needs square grids with the target's side a multiple of the drafter's, got "
                          f"{N} and {n} units")
-    if not 1 <= pool_k <= neighbours_VK.shape[1] or radius < 0 or draft_rows < 1:
-        raise ValueError(f"need 1 <= pool_k <= {neighbours_VK.shape[1]}, radius >= 0 and draft_rows >= 1")
+    if not 0 <= neighbours < neighbours_VK.shape[1] or radius < 0 or draft_rows < 1:
+        raise ValueError(f"need 0 <= neighbours < {neighbours_VK.shape[1]}, radius >= 0 and draft_rows >= 1")
     r = G // g
     tgt = GuidedStepper(target, guidance_weights_tensor(schedule, guidance_scale, N), sampling, batch_size)
     dft = GuidedStepper(drafter, guidance_weights_tensor(schedule, guidance_scale, n), sampling, batch_size)
@@ -216,7 +216,7 @@ def generate_mulo_sd(
         p_BnV = scorer.score(tokens_BN, E)
         p_BLV = p_BnV[:, S - scorer.C :]
         # 4. rejections, neighbourhoods, islands
-        reject_BhW = (pooled_probability(p_BLV, draft_BL, neighbours_VK, pool_k) < tau).view(batch_size, -1, G)
+        reject_BhW = (pooled_probability(p_BLV, draft_BL, neighbours_VK, neighbours) < tau).view(batch_size, -1, G)
         resample_BhW = expand_rejections(reject_BhW, radius)
         wave_BL = island_waves(label_islands(resample_BhW).view(batch_size, -1))
         stats.drafted[images] += E - S

@@ -69,8 +69,12 @@ def test_save_load_keeps_sampling_defaults(tmp_path):
             index["default_cfg_interval"]) == (3.5, 7, "ramp", 1)
     loaded, _ = load_pipeline(tmp_path / "p", "cpu")
     assert isinstance(loaded, RasterARPipeline) and loaded.transformer.config.shuffle_window == 2
-    assert loaded.resolve_sampling(top_k=3) == {"guidance_scale": 3.5, "top_k": 3, "top_p": 1.0, "temperature": 1.0,
-                                                "guidance_schedule": "ramp", "cfg_interval": 1}
+    resolved = loaded.resolve_sampling(top_k=3)
+    assert {k: resolved[k] for k in ("guidance_scale", "top_k", "top_p", "temperature", "guidance_schedule",
+                                     "cfg_interval")} == {"guidance_scale": 3.5, "top_k": 3, "top_p": 1.0,
+                                                          "temperature": 1.0, "guidance_schedule": "ramp",
+                                                          "cfg_interval": 1}
+    assert resolved["speculative"] == "none"  # speculative decoding is off unless asked for
     loaded.set_progress_bar_config(disable=True)
     gens = [torch.Generator().manual_seed(4)]
     a = loaded(class_labels=[2], generator=gens, output_type="pt").images

@@ -87,8 +87,8 @@ def test_pooled_probability_sums_the_nearest_codes():
     p = torch.tensor([[[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]]])
     table = torch.tensor([[0, 1, 2, 3], [1, 0, 2, 3], [2, 3, 1, 0], [3, 2, 1, 0]])
     draft = torch.tensor([[2, 0]])
-    assert torch.allclose(pooled_probability(p, draft, table, 1), torch.tensor([[0.3, 0.25]]))
-    assert torch.allclose(pooled_probability(p, draft, table, 2), torch.tensor([[0.7, 0.5]]))
+    assert torch.allclose(pooled_probability(p, draft, table, 0), torch.tensor([[0.3, 0.25]]))
+    assert torch.allclose(pooled_probability(p, draft, table, 1), torch.tensor([[0.7, 0.5]]))
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -148,7 +148,7 @@ def test_tau_above_one_is_target_only_sampling(models, sampling, w):
 
 
 def test_intermediate_tau_costs_one_pass_plus_the_largest_island_per_round(models):
-    out = run(models, 2, [3, 4], tau=0.1, pool_k=3, guidance_scale=2.0)
+    out = run(models, 2, [3, 4], tau=0.1, neighbours=2, guidance_scale=2.0)
     stats = out.stats
     assert (stats.rounds == 4).all() and (stats.drafter_forwards == 16).all()
     assert 1 + 4 < int(stats.target_forwards[0]) < 64  # some islands, fewer passes than target-only

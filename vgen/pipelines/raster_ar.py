@@ -25,6 +25,7 @@ import vgen.tokenizers.single_scale_vq  # noqa: F401
 from vgen.errors import UserError
 from vgen.models.raster_ar import RasterAR
 from vgen.pipelines.base import VGenPipeline, options_of
+from vgen.pipelines.speculative import SpeculativeNextTokenMixin
 from vgen.samplers.guidance import ConstantCFG, GuidanceSchedule, WeightRampCFG, llamagen_cfg_interval
 from vgen.samplers.next_scale import TokenSampling
 from vgen.samplers.next_token import generate_next_token
@@ -49,7 +50,7 @@ def check_components(vqvae, transformer: RasterAR) -> None:
         )
 
 
-class RasterARPipeline(VGenPipeline):
+class RasterARPipeline(SpeculativeNextTokenMixin, VGenPipeline):
     """Components: ``vqvae`` (:class:`vgen.tokenizers.single_scale_vq.SingleScaleVQModel`), ``transformer``
     (:class:`vgen.models.raster_ar.RasterAR`) and, for text models, ``text_encoder`` (e.g.
     :class:`vgen.models.text_encoder.ShapesTextEncoder`; anything implementing
@@ -63,6 +64,9 @@ class RasterARPipeline(VGenPipeline):
         self, vqvae, transformer: RasterAR, text_encoder=None, default_guidance_scale: float = 2.0,
         default_top_k: int = 0, default_top_p: float = 1.0, default_temperature: float = 1.0,
         default_guidance_schedule: str = "constant", default_cfg_interval: int = -1,
+        default_speculative: str = "none", default_drafter: str = "", default_gamma: int = 4,
+        default_window: int = 16, default_pool_k: int = 8, default_delta: float = 0.2, default_tau: float = 0.1,
+        default_radius: int = 1, default_draft_rows: int = 1, default_upsampler: str = "resize",
     ):
         super().__init__()
         check_components(vqvae, transformer)
@@ -72,7 +76,9 @@ class RasterARPipeline(VGenPipeline):
         self.register_sampling_defaults(
             guidance_scale=default_guidance_scale, top_k=default_top_k, top_p=default_top_p,
             temperature=default_temperature, guidance_schedule=default_guidance_schedule,
-            cfg_interval=default_cfg_interval,
+            cfg_interval=default_cfg_interval, speculative=default_speculative, drafter=default_drafter,
+            gamma=default_gamma, window=default_window, pool_k=default_pool_k, delta=default_delta, tau=default_tau,
+            radius=default_radius, draft_rows=default_draft_rows, upsampler=default_upsampler,
         )
 
     @property
@@ -98,6 +104,7 @@ class RasterARPipeline(VGenPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         unconditional: bool = False,
+        **speculative,
     ):
         """Generate images.
 
@@ -117,27 +124,35 @@ class RasterARPipeline(VGenPipeline):
             output_type: ``"pil"``, ``"np"`` (B, H, W, 3) floats in [0, 1] or ``"pt"`` (B, 3, H, W) in [0, 1].
             return_dict: return :class:`ImagePipelineOutput` (else a tuple ``(images,)``).
             unconditional: ``num_images_per_prompt`` images of the null prompt / null class (no prompt, no labels).
+            **speculative: speculative decoding, ``speculative="sjd" | "exact" | "lantern" | "mulo-sd"`` and its
+                knobs (``drafter``, ``gamma``, ``window``, ``pool_k``, ``delta``, ``tau``, ``radius``, ``draft_rows``,
+                ``upsampler``; :mod:`vgen.pipelines.speculative`); None or left out = the saved setting.
         """
         self.check_output_type(output_type)
         schedule_object = guidance_schedule if not isinstance(guidance_schedule, (str, type(None))) else None
         sampling = self.resolve_sampling(
             guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature,
             guidance_schedule=None if schedule_object is not None else guidance_schedule, cfg_interval=cfg_interval,
+            **speculative,
         )
         schedule = schedule_object or guidance_schedule_named(sampling["guidance_schedule"], sampling["cfg_interval"])
         cond, _captions = self.encode_condition(prompt, class_labels, num_images_per_prompt, unconditional)
         batch_size = cond.batch_size
-        out = generate_next_token(
-            self.transformer,
-            cond,
-            batch_size,
-            guidance_scale=sampling["guidance_scale"],
-            guidance_schedule=schedule,
-            sampling=TokenSampling(top_k=sampling["top_k"], top_p=sampling["top_p"],
-                                   temperature=sampling["temperature"]),
-            generators=self.generators_for(generator, batch_size),
-            progress=self.progress_bar,
-        )
+        token_sampling = TokenSampling(top_k=sampling["top_k"], top_p=sampling["top_p"],
+                                       temperature=sampling["temperature"])
+        generators = self.generators_for(generator, batch_size)
+        self.speculative_stats = None
+        if sampling["speculative"] != "none":
+            condition_inputs = dict(prompt=prompt, class_labels=class_labels,
+                                    num_images_per_prompt=num_images_per_prompt, unconditional=unconditional)
+            out = self.speculative_tokens(sampling, {k: v for k, v in speculative.items() if v is not None}, cond,
+                                          batch_size, condition_inputs, sampling["guidance_scale"], schedule,
+                                          token_sampling, generators)
+            self.speculative_stats = out.stats
+        else:
+            out = generate_next_token(self.transformer, cond, batch_size, guidance_scale=sampling["guidance_scale"],
+                                      guidance_schedule=schedule, sampling=token_sampling, generators=generators,
+                                      progress=self.progress_bar)
         grid = int(self.transformer.config.grid_size)
         images = self.vqvae.decode_code(out.tokens_BL, (grid, grid)).float().add(1).mul(0.5)
         return self.images_output(images, output_type, return_dict)

@@ -30,6 +30,7 @@ TASKS: dict[str, str] = {
     "autoencoder": "vgen.train.autoencoder_task:AutoencoderTask",
     "var": "vgen.train.var_task:VARTask",
     "raster-ar": "vgen.train.raster_ar_task:RasterARTask",
+    "latent-upsampler": "vgen.train.latent_upsampler_task:LatentUpsamplerTask",
     "shapes-features": "vgen.train.shapes_features_task:ShapesFeaturesTask",
 }
 
