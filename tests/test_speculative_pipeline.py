@@ -83,6 +83,15 @@ def test_every_method_through_the_pipeline(folders, options):
     assert pipe.speculative_stats is None  # a plain call after a speculative one
 
 
+@pytest.mark.parametrize("method", ["sjd", "lantern"])
+def test_token_shuffle_windows_speculate_too(folders, method):
+    pipe, _ = load_pipeline(folders / "windows", "cpu")
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(class_labels=[1, 2], generator=gens(2), output_type="pt", speculative=method, window=2).images
+    assert images.shape == (2, 3, 16, 16)
+    assert pipe.speculative_stats.units.tolist() == [4, 4]  # 2x2 windows of 2x2 codes
+
+
 def test_lossless_methods_reproduce_their_own_images(folders):
     pipe, _ = load_pipeline(folders / "target", "cpu")
     pipe.set_progress_bar_config(disable=True)

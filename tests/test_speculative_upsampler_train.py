@@ -14,6 +14,14 @@ from vgen.train.registry import load_task
 from test_raster_ar_train import tiny_vq
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok") / "vq"
@@ -44,3 +52,22 @@ def test_bad_settings_are_one_line(tokenizer_dir, tmp_path):
         LatentUpsamplerTask(LatentUpsamplerTaskConfig(tokenizer=str(tokenizer_dir), world="folder"))
     with pytest.raises(UserError, match="not a multiple of this tokenizer's downsampling factor 8"):
         LatentUpsamplerTask(LatentUpsamplerTaskConfig(tokenizer=str(tokenizer_dir), low_resolution=12))
+
+
+def test_spec_configs_parse_and_the_driver_names_them():
+    from conftest import REPO_ROOT
+    from vgen.train.registry import load_run_config
+
+    shapes = REPO_ROOT / "configs" / "shapes"
+    for name, task in (("spec_drafter_128", "raster-ar"), ("spec_mulo_drafter_64", "raster-ar"),
+                       ("spec_upsampler", "latent-upsampler")):
+        task_cfg, train_cfg = load_run_config(task, shapes / f"{name}.yaml")
+        assert train_cfg.steps > 0 and train_cfg.out_dir == f"runs/{name}"
+    drafter, _ = load_run_config("raster-ar", shapes / "spec_drafter_128.yaml")
+    target, _ = load_run_config("raster-ar", shapes / "raster_s1_128.yaml")
+    # the drafter drafts the target's units: same resolution, window and data
+    assert (drafter.resolution, drafter.shuffle_window, drafter.dataset_length, drafter.seed) == (
+        target.resolution, target.shuffle_window, target.dataset_length, target.seed)
+    driver = (shapes / "spec_train_and_bench.sh").read_text()
+    assert all(f"configs/shapes/{name}.yaml" in driver
+               for name in ("spec_drafter_128", "spec_upsampler", "spec_mulo_drafter_64"))
