@@ -103,6 +103,8 @@ def test_per_row_commit_and_truncate_leave_other_rows_untouched(backend):
     the accepted tokens, and a row's rollback never changes another row's keys or attention."""
     batch = 3
     cache = FullKVCache(batch=batch, heads=H, head_dim=D, capacity=20, backend=backend)
+    cache.k.fill_(float("nan"))  # storage is allocated uninitialised: masked reads must never see what it held
+    cache.v.fill_(float("nan"))
     rows = [[] for _ in range(batch)]  # what each row should hold: list of (k, v) (H, 1, D) tokens
 
     def step(n, seed, keep):

@@ -174,7 +174,7 @@ class FullKVCache(KVCache):
         shape = (self.num_layers, self.batch, self.heads, capacity, self.head_dim)
         self.k = torch.empty(shape, dtype=self.dtype, device=self.device)
         self.v = torch.empty(shape, dtype=self.dtype, device=self.device)
-        self._initialized = 0  # rows [0, _initialized) of every pool hold finite values (masked reads need that)
+        self._initialized = 0  # slots [0, _initialized) of every row hold finite values (masked reads need that)
         self.reset()
 
     def reset(self) -> None:
@@ -217,13 +217,14 @@ class FullKVCache(KVCache):
         if end > self.capacity:
             raise UserError(f"the KV cache holds {self.capacity} tokens per row and {end} were needed; allocate a "
                             "larger capacity (or use a sink + window or compressed cache)")
-        if end > self._initialized:  # masked positions are multiplied by 0: they must not hold NaN or inf
-            self.k[:, :, :, self._initialized:end].zero_()
-            self.v[:, :, :, self._initialized:end].zero_()
-            self._initialized = end
-        if self._uniform is not None:
+        if self._uniform is not None:  # every row's slots up to `end` get written now: nothing to initialise
+            self._initialized = max(self._initialized, end)
             layout = (self._uniform, end, None, None)
         else:
+            if end > self._initialized:  # masked positions are multiplied by 0: they must not hold NaN or inf
+                self.k[:, :, :, self._initialized:end].zero_()
+                self.v[:, :, :, self._initialized:end].zero_()
+                self._initialized = end
             rows_Bn = (self._len_B[:, None] + torch.arange(n)).to(self.device)
             key_pos = torch.arange(end, device=self.device)
             visible_Bn = rows_Bn + 1 if causal else (self._len_B[:, None] + n).to(self.device).expand(-1, n)

@@ -27,6 +27,7 @@ from vgen.errors import UserError
 #: task name -> "module:Class" of a TrainTask subclass (imported only when the task is used).
 TASKS: dict[str, str] = {
     "tokenizer": "vgen.train.tokenizer_task:TokenizerTask",
+    "autoencoder": "vgen.train.autoencoder_task:AutoencoderTask",
     "var": "vgen.train.var_task:VARTask",
     "raster-ar": "vgen.train.raster_ar_task:RasterARTask",
     "shapes-features": "vgen.train.shapes_features_task:ShapesFeaturesTask",
