@@ -37,6 +37,20 @@ def xar_time_grid(num_steps: int, t_min: float = 0.04) -> torch.Tensor:
     return torch.cat([torch.linspace(1.0, t_min, num_steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
 
 
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """The timestep shift of SD3 / Wan / Self-Forcing: ``s t / (1 + (s - 1) t)`` (``s > 1`` moves times towards
+    the noise end, where a few-step sampler spends its steps; ``s = 1`` is the identity)."""
+    if not shift > 0:
+        raise ValueError(f"the time shift must be > 0, got {shift}")
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def shifted_time_grid(num_steps: int, shift: float = 1.0) -> torch.Tensor:
+    """The uniform grid of ``num_steps`` steps, shifted (:func:`shift_time`). With ``num_steps=4, shift=5`` it is
+    Self-Forcing's warped ``[1000, 750, 500, 250]`` -> ``[1, 0.9375, 0.8333, 0.625]``, then 0."""
+    return shift_time(uniform_time_grid(num_steps), shift)
+
+
 def check_time_grid(t_S1: torch.Tensor) -> torch.Tensor:
     """``t_S1`` as a float64 1-D tensor of at least 2 strictly decreasing times in [0, 1]; else ValueError."""
     t_S1 = torch.as_tensor(t_S1, dtype=torch.float64)

@@ -99,6 +99,24 @@ class EulerMaruyamaSDE:
         )
 
 
+@dataclass(frozen=True)
+class DenoiseRenoise:
+    """Self-Forcing's few-step sampler as a scheme: at each time ``t_cur`` predict the clean sample
+    ``x0 = x - t_cur v`` and re-noise it to the next time with fresh noise, ``x_next = (1 - t_next) x0 + t_next eps``
+    (a Gaussian transition with mean ``(1 - t_next) x0`` and std ``t_next``); the last step (``t_next = 0``) returns
+    ``x0``. Use it with a short grid, e.g. :func:`~vgen.samplers.flow_grids.shifted_time_grid`."""
+
+    def is_stochastic(self, step: int, num_steps: int) -> bool:
+        return step < num_steps - 1
+
+    def transition(self, x, v, t_cur, t_next, step, num_steps) -> GaussianTransition:
+        x0 = x - t_cur * v
+        if step == num_steps - 1 or float(t_next) == 0.0:
+            return GaussianTransition(mean=(1 - t_next) * x0, diffusion_sqrt=_ZERO, step_sqrt=_ZERO)
+        return GaussianTransition(mean=(1 - t_next) * x0, diffusion_sqrt=torch.as_tensor(t_next, dtype=torch.float64),
+                                  step_sqrt=torch.ones((), dtype=torch.float64))
+
+
 def diffusion_coefficient(t: torch.Tensor) -> torch.Tensor:
     """``w(t) = 2 t`` (official ``compute_diffusion``)."""
     return 2 * t

@@ -24,6 +24,8 @@ raster AR, Token-Shuffle   :class:`NextTokenModel`      logits for n units (code
                                                         prefix (verify n drafts in one pass: speculative)
 FlowAR, xAR, video blocks  :class:`VelocityModel`       condition for unit ``k`` (KV cache), then velocity
                                                         ``v(x_t, t | condition)`` for the integrator
+block-causal video         :class:`BlockCausalModel`    velocity of the current block over the cache of the
+                                                        clean blocks before it; a clean pass commits it
 =========================  ===========================  ==================================================
 """
 
@@ -243,4 +245,46 @@ class VelocityModel(Protocol):
         """Store the finished unit ``k`` (``x_clean`` (R, ...) float32; under CFG the conditional result repeated for
         both halves) in the cache and commit it (``state.cache.commit()``: the loop never touches the cache);
         return the AR condition for unit ``k + 1``. Not called after the last unit."""
+        ...
+
+
+@runtime_checkable
+class BlockCausalModel(Protocol):
+    """Block-causal AR video diffusion (:mod:`vgen.samplers.block_causal`): blocks of ``frames_per_block`` latent
+    frames are denoised one after another; each block's denoising passes attend to the KV cache of the clean blocks
+    before it and store nothing, then one clean pass at t = 0 writes the block to the cache.
+
+    The loop calls, per block, ``block_velocity`` once per integration step and then ``commit_block`` with the
+    clean block (both with the same R rows: B, or 2B when CFG doubles the batch, the clean block repeated);
+    ``switch_condition`` changes the prompt between blocks. The state's frame counter advances in ``commit_block``.
+    """
+
+    frames_per_block: int
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        """One video's block without the batch dimension, e.g. ``(f, C, h, w)``."""
+        ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def concat_conditions(self, cond: Any, uncond: Any) -> Any: ...
+
+    def null_condition(self, batch_size: int) -> Any: ...
+
+    def start(self, cond: Any, cache: Any = None, max_frames: int | None = None) -> StepState:
+        """A fresh state (an empty KV cache of the chosen kind) for ``cond``'s rows."""
+        ...
+
+    def switch_condition(self, state: StepState, cond: Any) -> None:
+        """Blocks after this call follow ``cond`` (same number of rows)."""
+        ...
+
+    def block_velocity(self, x_t: torch.Tensor, t_R: torch.Tensor, state: StepState) -> torch.Tensor:
+        """Velocity (R, *block_shape) of the current block at times ``t_R`` (R,); stores nothing."""
+        ...
+
+    def commit_block(self, x_clean: torch.Tensor, state: StepState) -> None:
+        """The clean pass: write block ``x_clean`` (R, *block_shape) to the cache, commit it, move to the next."""
         ...

@@ -132,6 +132,16 @@ class KVCache:
         """Bytes of key/value storage the cache holds."""
         return sum(t.numel() * t.element_size() for t in self._pools())
 
+    @property
+    def history_nbytes(self) -> int:
+        """Bytes of the keys and values in the committed history now (every layer, head and row); :attr:`nbytes`
+        is the storage allocated for it."""
+        tokens = 0
+        for layer in range(self.num_layers):
+            length = self.history_table(layer)[1]
+            tokens += int(length.sum()) * (self.batch if length.dim() == 2 else 1)  # (H, S) tables serve every row
+        return 2 * tokens * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
     def _pools(self) -> list[torch.Tensor]:
         raise NotImplementedError
 
@@ -238,6 +248,9 @@ class FullKVCache(KVCache):
         n = self._begin(layer, k_BHlc, v_BHlc, store)
         start, end, rows_Bn, mask = self._step_layout(n, causal and n > 1)
         k_pool, v_pool = self.k[layer], self.v[layer]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q_BHlc, k_BHlc, v_BHlc)):
+            return self._attend_with_grad(layer, q_BHlc, k_BHlc, v_BHlc, start, end, rows_Bn, causal, scale,
+                                          dropout_p)
         if rows_Bn is None:
             k_pool[:, :, start:end] = k_BHlc
             v_pool[:, :, start:end] = v_BHlc
@@ -258,6 +271,19 @@ class FullKVCache(KVCache):
         if mask is not None:
             return attention(q_BHlc, keys, values, mask, scale=scale, dropout_p=dropout_p)
         return attention(q_BHlc, keys, values, scale=scale, causal=causal and n > 1, dropout_p=dropout_p)
+
+    def _attend_with_grad(self, layer, q_BHlc, k_BHlc, v_BHlc, start, end, rows_Bn, causal, scale, dropout_p):
+        """Attention that gradients flow through (training on the model's own rollouts, e.g. self forcing): the
+        history is read as a copy and the pools only ever receive detached values, so later in-place writes to the
+        cache cannot invalidate what autograd saved. Needs rows of equal length; attention runs through SDPA."""
+        if rows_Bn is not None:
+            raise ValueError("attention with gradients through the full cache needs rows of equal length")
+        self.k[layer][:, :, start:end] = k_BHlc.detach()  # a stored step (if committed) holds its values
+        self.v[layer][:, :, start:end] = v_BHlc.detach()
+        keys = torch.cat([self.k[layer][:, :, :start], k_BHlc], 2)
+        values = torch.cat([self.v[layer][:, :, :start], v_BHlc], 2)
+        return attention(q_BHlc, keys, values, scale=scale, causal=causal and k_BHlc.shape[2] > 1,
+                         dropout_p=dropout_p)
 
     def _commit_step(self, n, keep_B):
         if keep_B is None or bool((keep_B == keep_B[0]).all()):

@@ -22,6 +22,8 @@ SUBCOMMAND_MODULES = [
     "sample",
     "train",
     "generate",
+    "generate_video",
+    "profile_heads",
     "convert",
     "bench",
 ]

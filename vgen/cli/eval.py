@@ -5,7 +5,8 @@ Targets:
 * ``fid``         FID (and KID) of a sample folder / ``.npz`` against reference statistics or a folder;
 * ``fid-ref``     reference statistics (mu, sigma, features) of the Shapes world or an image folder, cached;
 * ``fid-sanity``  the FID sanity table (real vs real / blurred / hue-rotated / noise) with Shapes features;
-* ``geneval``     GenEval scoring, defined in :mod:`vgen.cli.eval_geneval`.
+* ``geneval``     GenEval scoring, defined in :mod:`vgen.cli.eval_geneval`;
+* ``video``       video quality per KV cache and rollout length on Moving Shapes, in :mod:`vgen.cli.eval_video`.
 
 Heavy imports (torch, clean-fid) happen inside the command functions so that ``vgen --help`` stays fast.
 """
@@ -18,6 +19,7 @@ import json
 from vgen.cli import OneLineErrorParser
 from vgen.cli.checks import nonnegative_int, positive_int, seed
 from vgen.cli.eval_geneval import register_geneval
+from vgen.cli.eval_video import register_video_eval
 
 FEATURES_HELP = (
     "feature network: 'shapes' (the shipped Shapes-world net), 'inception' (clean-fid's Inception, needs "
@@ -157,6 +159,7 @@ TARGETS = {
     "fid-ref": register_fid_ref,
     "fid-sanity": register_fid_sanity,
     "geneval": register_geneval,
+    "video": register_video_eval,
 }
 
 

@@ -37,6 +37,9 @@ def given_sampling_flags(args: argparse.Namespace) -> dict:
 def sampling_from_flags(args: argparse.Namespace, pipe) -> tuple[dict, dict]:
     """``(saved, extra)``: every saved option of ``pipe``'s family resolved (given flag, else the model's setting),
     and the given call-only options (e.g. ``more_smooth``). A flag the family does not declare is a UserError."""
+    if getattr(pipe, "produces", "images") != "images":  # e.g. a VideoPipeline: vgen generate-video serves it
+        raise UserError(f"this folder holds a {type(pipe).__name__}, which makes {pipe.produces}, not images; use "
+                        f"'vgen {pipe.produces_command}' for it")
     given = given_sampling_flags(args)
     declared = {option.name: option for option in pipe.sampling_options}
     foreign = [name for name in given if name not in declared]

@@ -15,6 +15,7 @@ block                     keys                               used by
 :class:`RMSNorm`          ``weight`` (or none)               LlamaGen (weighted), FlowAR/xAR (weightless)
 :class:`VisionRoPE2D`     ``freqs`` (persistent buffer)      FlowAR, xAR (EVA interleaved 2-D RoPE)
 :func:`llama_rope_2d`     (not a buffer)                     LlamaGen (2-D RoPE as complex pairs)
+:func:`video_rope_3d`     (not a buffer)                     block-causal video (Wan's time/row/column split)
 :class:`TimestepEmbedder` ``mlp.0``, ``mlp.2``               FlowAR's flow head, xAR (DiT's embedding)
 ========================  =================================  ================================================
 """
@@ -22,6 +23,7 @@ block                     keys                               used by
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -356,3 +358,42 @@ def apply_llama_rope(x_BHLc: torch.Tensor, table_Lp2: torch.Tensor) -> torch.Ten
     cos, sin = t[..., 0], t[..., 1]
     out = torch.stack((xs[..., 0] * cos - xs[..., 1] * sin, xs[..., 1] * cos + xs[..., 0] * sin), dim=-1)
     return out.flatten(-2).type_as(x_BHLc)
+
+
+def video_rope_frequencies(head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Frequencies of a 3-D (time, height, width) RoPE over ``head_dim`` channels, split as Wan does: of the
+    ``head_dim / 2`` channel pairs, ``2 * (head_dim // 6) / 2`` rotate with the row, as many with the column, and the
+    rest (the largest share) with time; each axis ``a`` with ``n_a`` pairs uses ``1 / theta ** (2 i / (2 n_a))``."""
+    if head_dim % 2 or head_dim < 6:
+        raise ValueError(f"3-D RoPE needs an even head width of at least 6, got {head_dim}")
+    spatial = 2 * (head_dim // 6)  # channels per spatial axis (Wan: 42 of 128)
+    temporal = head_dim - 2 * spatial
+
+    def axis(channels: int) -> torch.Tensor:
+        return 1.0 / (theta ** (torch.arange(0, channels, 2, dtype=torch.float64) / channels))
+
+    return axis(temporal), axis(spatial), axis(spatial)
+
+
+def video_rope_3d(frame_positions: torch.Tensor | Sequence[int], height: int, width: int, head_dim: int,
+                  theta: float = 10000.0) -> torch.Tensor:
+    """3-D RoPE table ``(F * height * width, head_dim / 2, 2)`` of (cos, sin) pairs for :func:`apply_llama_rope`.
+
+    Tokens are frame-major, then raster order inside a frame; frame ``i`` sits at time ``frame_positions[i]`` (any
+    integers: a block-causal video model passes the absolute frame index, so keys cached earlier keep their
+    positions). Channel pairs are (time | row | column) as in :func:`video_rope_frequencies`. Angles are computed in
+    float64 and rounded once.
+    """
+    f_t, f_h, f_w = video_rope_frequencies(head_dim, theta)
+    frames = torch.as_tensor(frame_positions, dtype=torch.float64).reshape(-1)
+    F_, rows, cols = frames.numel(), torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64)
+    angles = torch.cat(
+        (
+            repeat(torch.outer(frames, f_t), "f d -> f h w d", h=height, w=width),
+            repeat(torch.outer(rows, f_h), "h d -> f h w d", f=F_, w=width),
+            repeat(torch.outer(cols, f_w), "w d -> f h w d", f=F_, h=height),
+        ),
+        dim=-1,
+    )
+    angles = rearrange(angles, "f h w d -> (f h w) d")
+    return torch.stack((angles.cos(), angles.sin()), dim=-1).float()

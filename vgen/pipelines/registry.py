@@ -184,6 +184,39 @@ RASTER_AR_OPTIONS = (
 )
 
 
+def one_of(*choices: str) -> Callable[[Any], str]:
+    """A parser that accepts exactly one of ``choices``."""
+
+    def parse(text: Any) -> str:
+        if text not in choices:
+            raise ValueError(f"choose one of {', '.join(choices)}")
+        return str(text)
+
+    return parse
+
+
+#: block-causal video diffusion (VideoPipeline): the per-block sampler and the KV cache (vgen.models.video_cache)
+VIDEO_OPTIONS = (
+    SamplingOption("guidance_scale", finite_float, 1.0,
+                   "video: classifier-free guidance weight on the velocity, the same for every block (1 = off)"),
+    SamplingOption("sampler", one_of("few_step", "euler"), "few_step",
+                   "per block: 'few_step' (Self-Forcing's: predict the clean block, re-noise to the next time) or "
+                   "'euler' (the flow ODE)", metavar="few_step|euler"),
+    SamplingOption("num_steps", positive_int, 4, "denoising steps per block"),
+    SamplingOption("time_shift", positive_float, 3.0,
+                   "time-grid shift s: t -> s t / (1 + (s - 1) t) spends the steps at high noise"),
+    SamplingOption("cache", one_of("full", "sink_window", "forcing_kv"), "full",
+                   "KV cache: 'full' (every frame), 'sink_window' (sink + rolling window) or 'forcing_kv' "
+                   "(per-head compressed, needs the model's head profile)", metavar="full|sink_window|forcing_kv"),
+    SamplingOption("sink_frames", nonnegative_int, 1, "first frames the sink_window / forcing_kv caches keep"),
+    SamplingOption("window_frames", positive_int, 7, "recent frames the sink_window cache keeps"),
+    SamplingOption("recent_frames", positive_int, 1, "recent frames every forcing_kv head keeps whole"),
+    SamplingOption("segments_per_frame", positive_int, 4, "forcing_kv: bands a frame is cut into for scoring"),
+    SamplingOption("dynamic_segments", nonnegative_int, 4,
+                   "forcing_kv: most-changed bands a dynamic head keeps"),
+)
+
+
 @dataclass(frozen=True)
 class PipelineEntry:
     """Where a pipeline class lives (``"module:Class"``), the family's name for help texts, and its options."""
@@ -197,6 +230,7 @@ PIPELINES: dict[str, PipelineEntry] = {
     "VARPipeline": PipelineEntry("vgen.pipelines.var:VARPipeline", "VAR", VAR_OPTIONS),
     "RasterARPipeline": PipelineEntry("vgen.pipelines.raster_ar:RasterARPipeline", "raster AR",
                                       RASTER_AR_OPTIONS),
+    "VideoPipeline": PipelineEntry("vgen.pipelines.video:VideoPipeline", "video", VIDEO_OPTIONS),
 }
 
 

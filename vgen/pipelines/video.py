@@ -1,0 +1,263 @@
+"""``VideoPipeline``: per-frame KL autoencoder + block-causal video transformer + text encoder.
+
+    from vgen.pipelines.video import VideoPipeline
+    pipe = VideoPipeline.from_pretrained("my-video-folder")
+    video = pipe("a red circle moving right", num_frames=48, cache="forcing_kv",
+                 generator=torch.Generator().manual_seed(0)).frames[0]       # (48, H, W, 3) floats in [0, 1]
+
+    stream = pipe.stream("a red circle moving right")                      # block by block, without end
+    for block in stream:                                                   # VideoBlock: frames as soon as done
+        show(block.frames[0]); print(block.timings)
+        if block.index == 5:
+            stream.set_prompt("a red circle moving left")                  # later blocks follow the new prompt
+
+The generation loop is :class:`vgen.samplers.block_causal.BlockCausalSampler`; the cache is chosen by the ``cache``
+option (:mod:`vgen.models.video_cache`). A folder may carry ``head_profile.json`` (``vgen profile-heads``), which
+the ``forcing_kv`` cache needs; it is checked against the transformer when used.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.utils import BaseOutput
+
+# diffusers loads a saved component only from a module that is already imported
+import vgen.models.text_encoder  # noqa: F401
+import vgen.tokenizers.kl_autoencoder  # noqa: F401
+from vgen.errors import UserError
+from vgen.models.forcing_kv import PROFILE_FILE, HeadProfile, load_head_profile
+from vgen.models.video_ar import BlockCausalVideoTransformer
+from vgen.models.video_cache import VideoCacheConfig
+from vgen.pipelines.base import VGenPipeline, options_of
+from vgen.samplers.block_causal import BlockCausalSampler, BlockSampling, BlockTimings
+from vgen.samplers.flow_grids import shifted_time_grid
+from vgen.samplers.flow_transitions import DenoiseRenoise, EulerODE
+
+VIDEO_OUTPUT_TYPES = ("np", "pil", "pt", "latent")
+
+
+@dataclass
+class VideoPipelineOutput(BaseOutput):
+    """``frames``: per video, ``np``: (F, H, W, 3) float32 in [0, 1] (stacked: (B, F, H, W, 3)); ``pil``: a list of
+    F images; ``pt``: (B, F, 3, H, W); ``latent``: (B, F, C, h, w). ``prompts``: one per video."""
+
+    frames: object
+    prompts: list[str]
+
+
+@dataclass
+class VideoBlock:
+    """One streamed block: ``frames`` (B, f, H, W, 3) uint8 for frames ``first_frame ...``, its ``latents``
+    (B, f, C, h, w), and timings: ``denoise`` / ``commit`` (the diffusion, seconds) and ``decode`` (the
+    autoencoder), plus ``elapsed`` (seconds since the stream started, when the block was ready)."""
+
+    index: int
+    first_frame: int
+    frames: np.ndarray
+    latents: torch.Tensor
+    timings: BlockTimings
+    decode_seconds: float
+    elapsed: float
+
+
+class VideoStream:
+    """Iterator over the blocks of a generation (see :meth:`VideoPipeline.stream`); ``set_prompt`` switches the
+    prompt from the next block on."""
+
+    def __init__(self, pipe: VideoPipeline, sampler: BlockCausalSampler, num_blocks: int | None, prompts: list[str],
+                 per_prompt: int):
+        self.pipe, self.sampler, self.num_blocks = pipe, sampler, num_blocks
+        self.prompts, self.per_prompt = prompts, per_prompt
+        self._blocks = sampler.blocks(num_blocks)
+        self._start = time.perf_counter()
+
+    def set_prompt(self, prompt: str | Sequence[str]) -> None:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if len(prompts) not in (1, len(self.prompts)):
+            raise UserError(f"give one prompt or {len(self.prompts)} (one per stream), got {len(prompts)}")
+        if len(prompts) == 1:
+            prompts = prompts * len(self.prompts)
+        cond, _ = self.pipe.encode_condition(prompts, None, self.per_prompt)
+        self.sampler.set_condition(cond)
+        self.prompts = prompts
+
+    def __iter__(self) -> Iterator[VideoBlock]:
+        return self
+
+    def __next__(self) -> VideoBlock:
+        block = next(self._blocks)
+        start = time.perf_counter()
+        frames = self.pipe.decode_frames(block.latents)
+        decode = time.perf_counter() - start
+        uint8 = (frames.permute(0, 1, 3, 4, 2).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        return VideoBlock(block.index, block.first_frame, uint8, block.latents, block.timings, decode,
+                          time.perf_counter() - self._start)
+
+
+class VideoPipeline(VGenPipeline):
+    """Components: ``autoencoder`` (:class:`vgen.tokenizers.kl_autoencoder.AutoencoderKL`, applied per frame),
+    ``transformer`` (:class:`vgen.models.video_ar.BlockCausalVideoTransformer`) and ``text_encoder`` (for text
+    models). Sampling options: :data:`vgen.pipelines.registry.VIDEO_OPTIONS` (saved per model)."""
+
+    model_cpu_offload_seq = "text_encoder->transformer->autoencoder"
+    _optional_components = ["text_encoder"]
+    sampling_options = options_of("VideoPipeline")
+    #: what the pipeline makes and the command that writes it (the image commands refuse a video model in one line)
+    produces, produces_command = "videos", "generate-video"
+
+    def __init__(
+        self, autoencoder, transformer: BlockCausalVideoTransformer, text_encoder=None,
+        default_guidance_scale: float | None = None, default_sampler: str | None = None,
+        default_num_steps: int | None = None, default_time_shift: float | None = None,
+        default_cache: str | None = None, default_sink_frames: int | None = None,
+        default_window_frames: int | None = None, default_recent_frames: int | None = None,
+        default_segments_per_frame: int | None = None, default_dynamic_segments: int | None = None,
+    ):
+        super().__init__()
+        self.register_modules(autoencoder=autoencoder, transformer=transformer, text_encoder=text_encoder)
+        # the model's own sampling settings (model_index.json); None = the family default of the registry
+        self.register_sampling_defaults(
+            guidance_scale=default_guidance_scale, sampler=default_sampler, num_steps=default_num_steps,
+            time_shift=default_time_shift, cache=default_cache, sink_frames=default_sink_frames,
+            window_frames=default_window_frames, recent_frames=default_recent_frames,
+            segments_per_frame=default_segments_per_frame, dynamic_segments=default_dynamic_segments,
+        )
+        self.head_profile: HeadProfile | None = None
+
+    # -- folders: the head profile travels with the pipeline ------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        profile = Path(pretrained_model_name_or_path) / PROFILE_FILE
+        pipe.head_profile = load_head_profile(profile) if profile.is_file() else None
+        return pipe
+
+    def save_pretrained(self, save_directory, **kwargs):
+        super().save_pretrained(save_directory, **kwargs)
+        if self.head_profile is not None:
+            self.head_profile.save(Path(save_directory) / PROFILE_FILE)
+
+    # -- pieces ---------------------------------------------------------------------------------------------------
+
+    @property
+    def frames_per_block(self) -> int:
+        return self.transformer.frames_per_block
+
+    def block_sampling(self, sampling: dict) -> BlockSampling:
+        """The per-block integration the resolved options describe."""
+        grid = shifted_time_grid(sampling["num_steps"], sampling["time_shift"])
+        integrator = DenoiseRenoise() if sampling["sampler"] == "few_step" else EulerODE()
+        return BlockSampling(grid, integrator, guidance_scale=sampling["guidance_scale"])
+
+    def cache_config(self, sampling: dict) -> VideoCacheConfig:
+        """The KV cache the resolved options describe (Forcing-KV with this pipeline's head profile)."""
+        return VideoCacheConfig(
+            sampling["cache"], sink_frames=sampling["sink_frames"], window_frames=sampling["window_frames"],
+            recent_frames=sampling["recent_frames"], segments_per_frame=sampling["segments_per_frame"],
+            dynamic_segments=sampling["dynamic_segments"], head_profile=self.head_profile,
+        )
+
+    def check_num_frames(self, num_frames: int | None) -> int:
+        f = self.frames_per_block
+        num_frames = self.transformer.config.max_frames if num_frames is None else int(num_frames)
+        if num_frames < f or num_frames % f:
+            raise UserError(f"num_frames must be a positive multiple of this model's block size ({f} frames), got "
+                            f"{num_frames}")
+        return num_frames
+
+    @torch.no_grad()
+    def decode_frames(self, latents_BFChw: torch.Tensor) -> torch.Tensor:
+        """Latent frames (B, F, C, h, w) -> frames (B, F, 3, H, W) in [0, 1], frame by frame."""
+        B, F_ = latents_BFChw.shape[:2]
+        flat = latents_BFChw.flatten(0, 1).to(self.autoencoder.dtype)
+        frames = self.autoencoder.decode_latents(flat).float().add(1).mul(0.5).clamp(0, 1)
+        return frames.view(B, F_, *frames.shape[1:])
+
+    def _sampler(self, prompt, num_videos_per_prompt, generator, num_frames, sampling_given):
+        sampling = self.resolve_sampling(**sampling_given)
+        cond, prompts = self.encode_condition(prompt, None, num_videos_per_prompt)
+        generators = self.generators_for(generator, len(prompts))
+        sampler = BlockCausalSampler(self.transformer, cond, len(prompts), self.block_sampling(sampling),
+                                     generators, self.cache_config(sampling), max_frames=num_frames)
+        return sampler, prompts
+
+    # -- generation -----------------------------------------------------------------------------------------------
+
+    def stream(self, prompt: str | list[str], num_frames: int | None = None, num_videos_per_prompt: int = 1,
+               generator: torch.Generator | list[torch.Generator] | None = None, **sampling) -> VideoStream:
+        """Generate block by block: an iterator of :class:`VideoBlock` (``num_frames`` frames, or without end
+        when None; the full cache then grows until its default capacity, the training length, is spent, so long
+        streams use ``cache="sink_window"`` or ``"forcing_kv"``). ``sampling``: options as in ``__call__``."""
+        num_blocks = None if num_frames is None else self.check_num_frames(num_frames) // self.frames_per_block
+        capacity = num_frames
+        if num_frames is None and sampling.get("cache", self.config.get("default_cache")) == "full":
+            capacity = self.transformer.config.max_frames
+        sampler, prompts = self._sampler(prompt, num_videos_per_prompt, generator, capacity, sampling)
+        base = [p for i, p in enumerate(prompts) if i % num_videos_per_prompt == 0]
+        return VideoStream(self, sampler, num_blocks, base, num_videos_per_prompt)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        num_frames: int | None = None,
+        num_videos_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        **sampling,
+    ):
+        """Generate ``num_videos_per_prompt`` videos of ``num_frames`` frames (default: the training length) per
+        prompt. ``sampling``: any of the options (``guidance_scale``, ``sampler``, ``num_steps``, ``time_shift``,
+        ``cache``, ``sink_frames``, ``window_frames``, ``recent_frames``, ``segments_per_frame``,
+        ``dynamic_segments``); those left out take the model's saved values. ``generator``: one per video (a video
+        then does not depend on the batch, except with the shared Forcing-KV choice) or a single one."""
+        if output_type not in VIDEO_OUTPUT_TYPES:
+            raise UserError(f"output_type must be one of {', '.join(VIDEO_OUTPUT_TYPES)}, got {output_type!r}")
+        num_frames = self.check_num_frames(num_frames)
+        sampler, prompts = self._sampler(prompt, num_videos_per_prompt, generator, num_frames, sampling)
+        latents = torch.cat([block.latents for block in sampler.blocks(num_frames // self.frames_per_block)], 1)
+        if output_type == "latent":
+            frames = latents.cpu()
+        else:
+            video = self.decode_frames(latents)  # (B, F, 3, H, W)
+            if output_type == "pt":
+                frames = video.cpu()
+            else:
+                frames = video.permute(0, 1, 3, 4, 2).cpu().numpy().astype(np.float32)
+                if output_type == "pil":
+                    frames = [self.numpy_to_pil(clip) for clip in frames]
+        if not return_dict:
+            return (frames, prompts)
+        return VideoPipelineOutput(frames=frames, prompts=prompts)
+
+
+#: where the packaged default video pipeline lives once one ships (``vgen generate-video`` without ``--model``)
+DEFAULT_VIDEO_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "default_video_model"
+
+
+def load_video_pipeline(model: str | Path | None = None, device=None) -> tuple[VideoPipeline, Path]:
+    """A saved :class:`VideoPipeline` folder (or the shipped default video model when ``model`` is None) on
+    ``device``; a :class:`UserError` for anything else. Returns ``(pipeline, folder)``."""
+    from vgen.pipelines import load_pipeline, pipeline_class_name
+
+    if model is None:
+        if not (DEFAULT_VIDEO_MODEL_DIR / "model_index.json").is_file():
+            raise UserError("no --model given and no video model is shipped with this vgen installation; pass "
+                            "--model DIR (a folder saved by 'vgen train video')")
+        model = DEFAULT_VIDEO_MODEL_DIR
+    model_dir = Path(model)
+    class_name = pipeline_class_name(model_dir)
+    if class_name != "VideoPipeline":
+        raise UserError(f"{model_dir} holds a {class_name}, not a video model; give a folder saved by "
+                        "'vgen train video'")
+    pipe, model_dir = load_pipeline(model_dir, device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, model_dir
