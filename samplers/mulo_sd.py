@@ -14,7 +14,8 @@ on the same tokenizer. Per round and image:
    since earlier positions were accepted in their own right);
 5. each 8-connected island of rejected positions is resampled from the target given the accepted context, all
    islands concurrently: wave ``w`` resamples the ``w``-th position (raster order) of every island in one target
-   pass, so a round costs ``1 + (largest island)`` target passes. Accepted positions keep their draft even when an
+   pass, so a round costs ``1 + (largest island)`` target passes; with ``island_lag >= 1`` an island's rows advance
+   together ZipAR-style (about ``width + lag x height`` waves). Accepted positions keep their draft even when an
    earlier island changed (MuLo-SD's locality assumption).
 
 ``tau = 0`` keeps the up-sampled draft unchanged; ``tau > 1`` rejects everything, so every round is one island
@@ -87,15 +88,32 @@ def label_islands(mask_BHW: torch.Tensor) -> torch.Tensor:
     return torch.where(mask_BHW, labels, 0).long()
 
 
-def island_waves(labels_BL: torch.Tensor) -> torch.Tensor:
-    """The wave of every rejected position: its rank in raster order within its island (-1 outside islands),
-    int64 (B, L) for flattened labels (B, L)."""
+def island_waves(labels_BL: torch.Tensor, lag: int = 0, width: int | None = None) -> torch.Tensor:
+    """The wave in which every rejected position is resampled (-1 outside islands), int64 (B, L) for flattened
+    labels (B, L) of a grid ``width`` wide.
+
+    ``lag = 0``: its rank in raster order within its island (one position of every island per wave: exact raster
+    order inside an island). ``lag >= 1`` (ZipAR-style, needs ``width``): the rows of an island advance together,
+    each ``lag`` positions behind the row above: wave = rank within the island's part of its row + ``lag`` x rows
+    below the island's top row. Fewer waves; a position then sees the row above resampled only ``lag`` positions
+    ahead of it.
+    """
     B, L = labels_BL.shape
     in_island = labels_BL > 0
-    # rank = how many earlier positions share the label: a cumulative count per label over the raster order
     one_hot_BLI = F.one_hot(labels_BL, L + 1)[..., 1:]
-    rank_BL = (one_hot_BLI.cumsum(1) * one_hot_BLI).sum(-1) - 1
-    return torch.where(in_island, rank_BL, -1)
+    if lag <= 0:
+        # rank = how many earlier positions share the label: a cumulative count per label over the raster order
+        rank_BL = (one_hot_BLI.cumsum(1) * one_hot_BLI).sum(-1) - 1
+        return torch.where(in_island, rank_BL, -1)
+    if width is None or L % width:
+        raise ValueError(f"ZipAR-style waves need the grid width (a divisor of {L}), got {width}")
+    H = L // width
+    per_row_BhwI = one_hot_BLI.view(B, H, width, L)
+    rank_in_row_BL = ((per_row_BhwI.cumsum(2) * per_row_BhwI).sum(-1) - 1).view(B, L)
+    row_L = torch.arange(L, device=labels_BL.device) // width
+    top_BI = torch.where(one_hot_BLI.bool(), row_L[None, :, None], H).amin(1)  # top row of every label
+    top_BL = top_BI.gather(1, (labels_BL - 1).clamp_min(0))
+    return torch.where(in_island, rank_in_row_BL + lag * (row_L[None] - top_BL), -1)
 
 
 def pooled_probability(p_BLV: torch.Tensor, draft_BL: torch.Tensor, neighbours_VK: torch.Tensor,
@@ -150,6 +168,7 @@ def generate_mulo_sd(
     neighbours: int = 8,
     radius: int = 1,
     draft_rows: int = 1,
+    island_lag: int = 0,
     guidance_scale: float = 1.0,
     guidance_schedule: GuidanceSchedule | None = None,
     sampling: TokenSampling | None = None,
@@ -167,6 +186,8 @@ def generate_mulo_sd(
         neighbours: nearest codebook entries pooled with each draft code (0 = the draft code alone).
         radius: neighbourhood radius ``l`` of every rejection.
         draft_rows: drafter rows per round.
+        island_lag: 0 = resample each island in raster order; >= 1 = ZipAR-style, an island's rows together,
+            each this many positions behind the row above (:func:`island_waves`).
         guidance_scale, guidance_schedule, sampling: for both models, as in the plain loop.
         generators: one ``torch.Generator`` per image, or None (global RNG).
     """
@@ -218,7 +239,7 @@ def generate_mulo_sd(
         # 4. rejections, neighbourhoods, islands
         reject_BhW = (pooled_probability(p_BLV, draft_BL, neighbours_VK, neighbours) < tau).view(batch_size, -1, G)
         resample_BhW = expand_rejections(reject_BhW, radius)
-        wave_BL = island_waves(label_islands(resample_BhW).view(batch_size, -1))
+        wave_BL = island_waves(label_islands(resample_BhW).view(batch_size, -1), island_lag, G)
         stats.drafted[images] += E - S
         stats.accepted[images] += (wave_BL < 0).sum(1).cpu()
         stats.rounds[images] += 1

@@ -71,6 +71,23 @@ def test_islands_are_8_connected_and_labelled_in_raster_order():
                               [0, -1, -1, -1, -1, -1, -1, 0]]
 
 
+def test_zipar_style_waves_move_an_islands_rows_together():
+    m = mask(["..xxxx..",
+              ".xxxx...",
+              "......x."])
+    labels = label_islands(m).view(1, -1)
+    raster = island_waves(labels).view(3, 8)
+    assert raster[0, 2:6].tolist() == [0, 1, 2, 3] and raster[1, 1:5].tolist() == [4, 5, 6, 7]
+    lag1 = island_waves(labels, lag=1, width=8).view(3, 8)
+    assert lag1[0, 2:6].tolist() == [0, 1, 2, 3] and lag1[1, 1:5].tolist() == [1, 2, 3, 4]
+    assert lag1[2, 6] == 0  # an island of its own starts at once
+    lag2 = island_waves(labels, lag=2, width=8).view(3, 8)
+    assert lag2[1, 1:5].tolist() == [2, 3, 4, 5]
+    assert ((lag1 >= 0) == m[0]).all()
+    with pytest.raises(ValueError, match="need the grid width"):
+        island_waves(labels, lag=1)
+
+
 def test_a_ring_is_one_island_and_images_are_labelled_apart():
     ring = mask(["xxxx",
                  "x..x",
@@ -154,6 +171,13 @@ def test_intermediate_tau_costs_one_pass_plus_the_largest_island_per_round(model
     assert 1 + 4 < int(stats.target_forwards[0]) < 64  # some islands, fewer passes than target-only
     assert 0.0 < out.stats.summary()["acceptance_rate"] < 1.0
     assert out.tokens_BL.shape == (2, 64) and int(out.tokens_BL.max()) < 16
+
+
+def test_zipar_style_islands_take_fewer_passes(models):
+    raster = run(models, 2, [3, 4], tau=0.2, neighbours=2, guidance_scale=2.0)
+    zipar = run(models, 2, [3, 4], tau=0.2, neighbours=2, guidance_scale=2.0, island_lag=1)
+    assert int(zipar.stats.target_forwards.max()) < int(raster.stats.target_forwards.max())
+    assert torch.equal(zipar.drafter_tokens_BL, raster.drafter_tokens_BL)  # the same drafts (the drafter's own rows)
 
 
 def test_models_that_do_not_fit_are_refused(models):

@@ -75,7 +75,7 @@ bench exact --speculative exact --drafter "$OUT/spec_drafter_128/final" --set ga
 # shellcheck disable=SC2086
 bench lantern --speculative lantern --set window=16 pool_k=8 --sweep ${DELTAS:-0.1 0.3 0.5}
 # shellcheck disable=SC2086
-bench mulo_sd --speculative mulo-sd --drafter "$LOW" --set upsampler="$OUT/spec_upsampler/final" pool_k=8 radius=1 \
+bench mulo_sd --speculative mulo-sd --drafter "$LOW" --set upsampler="$OUT/spec_upsampler/final" pool_k=8 radius=1 island_lag=1 \
     --sweep ${TAUS:-0.02 0.05 0.15}
 $VGEN bench speculative --combine "$OUT"/bench_sjd.json "$OUT"/bench_exact.json "$OUT"/bench_lantern.json \
     "$OUT"/bench_mulo_sd.json --plot "$OUT/speed_quality.png" > /dev/null

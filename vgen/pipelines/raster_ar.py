@@ -66,7 +66,8 @@ class RasterARPipeline(SpeculativeNextTokenMixin, VGenPipeline):
         default_guidance_schedule: str = "constant", default_cfg_interval: int = -1,
         default_speculative: str = "none", default_drafter: str = "", default_gamma: int = 4,
         default_window: int = 16, default_pool_k: int = 8, default_delta: float = 0.2, default_tau: float = 0.1,
-        default_radius: int = 1, default_draft_rows: int = 1, default_upsampler: str = "resize",
+        default_radius: int = 1, default_draft_rows: int = 1, default_island_lag: int = 0,
+        default_upsampler: str = "resize",
     ):
         super().__init__()
         check_components(vqvae, transformer)
@@ -78,7 +79,8 @@ class RasterARPipeline(SpeculativeNextTokenMixin, VGenPipeline):
             temperature=default_temperature, guidance_schedule=default_guidance_schedule,
             cfg_interval=default_cfg_interval, speculative=default_speculative, drafter=default_drafter,
             gamma=default_gamma, window=default_window, pool_k=default_pool_k, delta=default_delta, tau=default_tau,
-            radius=default_radius, draft_rows=default_draft_rows, upsampler=default_upsampler,
+            radius=default_radius, draft_rows=default_draft_rows, island_lag=default_island_lag,
+            upsampler=default_upsampler,
         )
 
     @property
@@ -126,7 +128,7 @@ class RasterARPipeline(SpeculativeNextTokenMixin, VGenPipeline):
             unconditional: ``num_images_per_prompt`` images of the null prompt / null class (no prompt, no labels).
             **speculative: speculative decoding, ``speculative="sjd" | "exact" | "lantern" | "mulo-sd"`` and its
                 knobs (``drafter``, ``gamma``, ``window``, ``pool_k``, ``delta``, ``tau``, ``radius``, ``draft_rows``,
-                ``upsampler``; :mod:`vgen.pipelines.speculative`); None or left out = the saved setting.
+                ``island_lag``, ``upsampler``; :mod:`vgen.pipelines.speculative`); None or left out = the saved setting.
         """
         self.check_output_type(output_type)
         schedule_object = guidance_schedule if not isinstance(guidance_schedule, (str, type(None))) else None

@@ -144,6 +144,9 @@ SPECULATIVE_OPTIONS = (
                    "every draft, > 1 = target only)"),
     SamplingOption("radius", nonnegative_int, 1, "mulo-sd: every rejection grows into its neighbourhood of this radius"),
     SamplingOption("draft_rows", positive_int, 1, "mulo-sd: drafter rows per round"),
+    SamplingOption("island_lag", nonnegative_int, 0,
+                   "mulo-sd: 0 = resample each rejection island in raster order; N >= 1 = ZipAR-style, an island's "
+                   "rows together, each N codes behind the row above (fewer target passes)", metavar="N"),
     SamplingOption("upsampler", upsampler_choice, "resize",
                    "mulo-sd: 'resize' (decode, resize, re-encode) or a trained latent up-sampler folder",
                    metavar="resize|DIR"),

@@ -12,7 +12,8 @@ lantern    either of the above with                                 no          
            :class:`vgen.samplers.lantern.LanternVerifier`                       optional (else self-speculative)
 mulo-sd    :func:`vgen.samplers.mulo_sd.generate_mulo_sd`           no          ``drafter`` (a smaller grid),
                                                                                 ``upsampler``, ``tau``, ``pool_k``,
-                                                                                ``radius``, ``draft_rows``
+                                                                                ``radius``, ``draft_rows``,
+                                                                                ``island_lag``
 =========  =====================================================  ==========  ======================================
 
 A drafter is another saved pipeline folder of the same family on the same tokenizer (identical codebook); any
@@ -34,7 +35,7 @@ from vgen.errors import UserError
 
 #: the knobs of speculative decoding (the rest of a call's sampling settings belong to the family)
 SPECULATIVE_KNOBS = ("speculative", "drafter", "gamma", "window", "pool_k", "delta", "tau", "radius", "draft_rows",
-                     "upsampler")
+                     "island_lag", "upsampler")
 #: knobs that hold folder paths (saved relative to the pipeline folder)
 PATH_KNOBS = ("drafter", "upsampler")
 #: methods that cannot run without a drafter
@@ -216,4 +217,4 @@ class SpeculativeNextTokenMixin:
         return generate_mulo_sd(self.transformer, drafter.transformer, cond, drafter_cond, batch_size, upsampler,
                                 self.neighbour_table(settings["pool_k"]), tau=settings["tau"],
                                 neighbours=settings["pool_k"], radius=settings["radius"],
-                                draft_rows=settings["draft_rows"], **common)
+                                draft_rows=settings["draft_rows"], island_lag=settings["island_lag"], **common)
