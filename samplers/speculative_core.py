@@ -148,6 +148,7 @@ class GuidedStepper:
     def _count(self) -> None:
         self.forwards_B[self.images_B] += 1
 
+    @torch.no_grad()
     def prefill(self, cond: Any) -> torch.Tensor:
         """Start the batch (``cond`` for the B conditional rows; the null condition is added under CFG). Returns the
         probabilities (B, 1, k, V) of unit 0."""
@@ -157,6 +158,7 @@ class GuidedStepper:
         self._count()
         return self._probs(logits_RkV[:, None], torch.zeros(self.active, 1, dtype=torch.long))
 
+    @torch.no_grad()  # inference only: the cache keeps per-row lengths, which attention with gradients refuses
     def decode(self, units_Bnk: torch.Tensor) -> torch.Tensor:
         """Append ``units_Bnk`` (B, n, k) tentatively at every image's end (one pass) and return the probabilities
         (B, n, k, V) of the unit after each."""
