@@ -18,8 +18,10 @@ lets the loop skip the unconditional pass altogether. The same object works on l
 - :class:`ProfileCFG` gives each step its own share of the strength: ``t_k = guidance_scale * profile[k]``. VAR's
   ramp is the profile ``k / (K - 1)``; a trained model may store another one (e.g. most guidance on the coarse
   scales, where a next-scale model places objects and gives them colours) as its pipeline's default.
-- :class:`IntervalCFG` wraps a schedule and switches guidance off outside a step interval (LlamaGen's
-  ``cfg_interval``). FlowAR's interval is over flow time inside one unit's integration, not over AR steps: it lives
+- :class:`IntervalCFG` wraps a schedule and switches guidance off outside a fractional step interval.
+- :class:`FirstStepsCFG` wraps a schedule and guides only the first ``num_steps_guided`` steps: LlamaGen's
+  ``cfg_interval = c`` is ``num_steps_guided = c + 2`` (its first token and its decode steps ``0..c``), see
+  :func:`llamagen_cfg_interval`. FlowAR's interval is over flow time inside one unit's integration, not over AR steps: it lives
   in :mod:`vgen.samplers.flow_cfg`.
 
 Two combination expressions exist because official code evaluates them in different orders (equal in exact
@@ -107,6 +109,28 @@ class IntervalCFG:
         if self.start <= ratio <= self.end:
             return self.inner.weight(guidance_scale, step, num_steps)
         return 1.0
+
+
+@dataclass(frozen=True)
+class FirstStepsCFG:
+    """Apply ``inner`` at steps ``0 .. num_steps_guided - 1`` only; later steps are unguided (``w = 1``), so a loop
+    may drop the unconditional rows once they are over."""
+
+    inner: GuidanceSchedule
+    num_steps_guided: int
+
+    def weight(self, guidance_scale: float, step: int, num_steps: int) -> float:
+        if step < self.num_steps_guided:
+            return self.inner.weight(guidance_scale, step, num_steps)
+        return 1.0
+
+
+def llamagen_cfg_interval(inner: GuidanceSchedule, cfg_interval: int) -> GuidanceSchedule:
+    """LlamaGen's ``cfg_interval``: -1 guides every step; ``c >= 0`` guides the first token and decode steps
+    ``0..c``, i.e. the first ``c + 2`` steps."""
+    if cfg_interval < -1:
+        raise ValueError(f"cfg_interval must be -1 (every step) or >= 0, got {cfg_interval}")
+    return inner if cfg_interval == -1 else FirstStepsCFG(inner, cfg_interval + 2)
 
 
 #: The profile name for VAR's linear ramp (:class:`LinearRampCFG`), as pipelines save and the CLI takes it.

@@ -20,8 +20,8 @@ Families and the interface each implements:
 family                     interface                    step
 =========================  ===========================  ==================================================
 VAR, NFIG (next-scale)     :class:`NextScaleModel`      logits for every token of scale ``si``
-raster AR, Token-Shuffle   :class:`NextTokenModel`      logits for n positions after a prefix (verify n
-                                                        drafted tokens in one pass: speculative decoding)
+raster AR, Token-Shuffle   :class:`NextTokenModel`      logits for n units (codes or s x s windows) after a
+                                                        prefix (verify n drafts in one pass: speculative)
 FlowAR, xAR, video blocks  :class:`VelocityModel`       condition for unit ``k`` (KV cache), then velocity
                                                         ``v(x_t, t | condition)`` for the integrator
 block-causal video         :class:`BlockCausalModel`    velocity of the current block over the cache of the
@@ -63,6 +63,27 @@ class StepState(Protocol):
     """What ``prefill`` returns: at least the cache; the rest is model-private."""
 
     cache: StepKVCache
+
+
+@runtime_checkable
+class NextTokenState(Protocol):
+    """What a :class:`NextTokenModel`'s ``prefill`` returns: the cache plus per-row unit bookkeeping, which the
+    speculative samplers (:mod:`vgen.samplers.speculative_core`) use to roll rejected drafts back row by row."""
+
+    cache: StepKVCache
+
+    @property
+    def units_B(self) -> torch.Tensor:
+        """Image units committed per row, int64 (B,) on the CPU."""
+        ...
+
+    def truncate_units(self, units_B: int | torch.Tensor) -> None:
+        """Keep at most ``units_B`` committed units per row (an int or (B,)); other rows' caches are untouched."""
+        ...
+
+    def select(self, index_B: torch.Tensor) -> None:
+        """Keep, reorder or repeat rows."""
+        ...
 
 
 @runtime_checkable
@@ -121,23 +142,65 @@ class ResidualQuantizer(Protocol):
 
 @runtime_checkable
 class NextTokenModel(Protocol):
-    """Raster-order AR (LlamaGen-style, Token-Shuffle windows): logits for positions after a prefix.
+    """Raster-order AR (LlamaGen-style), optionally on Token-Shuffle windows: logits for the units after a prefix.
 
-    ``decode`` scores ``n >= 1`` new tokens in one pass (logits for each of them and the one after), which is
-    exactly what a speculative verifier needs; the loop then commits what it accepts per row
-    (``state.cache.commit(keep_B)``), and ``state.cache.truncate`` rolls back committed tokens per row.
+    A **unit** is what one step appends: one code in plain raster order, one ``s x s`` window of ``k = s^2`` codes
+    with Token-Shuffle (``tokens_per_step = k``; codes in raster order inside the window, windows in raster order over
+    the window grid). Shapes always carry the k axis, so code written against this interface treats windows and single
+    codes alike: units are ``(B, n, k)`` int64 code ids, logits ``(B, n, k, V)`` float32. An image is
+    ``sequence_length`` units; ``to_raster`` turns them into the tokenizer's raster-order ids.
+
+    The loop in :mod:`vgen.samplers.next_token` calls, for B rows (2B with CFG: conditional rows first)::
+
+        state, logits_BkV = model.prefill(cond)            # the condition prefix, committed; logits of unit 0
+        for j in range(model.sequence_length):
+            ... CFG, temperature / top-k / top-p, sampling -> units_Bk ...
+            logits_BnkV = model.decode(units_Bk[:, None], state)   # stored tentatively, one pass
+            state.cache.commit()
+        tokens_BL = model.to_raster(units_BNk)
+
+    Speculative decoding builds on the same two calls. ``decode`` scores ``n >= 1`` drafted units in one pass:
+    ``logits[:, j]`` is the distribution of the unit *after* draft ``j`` (the first draft is scored by the previous
+    step's logits). The drafts stay tentative until the caller commits them: ``state.cache.commit()`` (all),
+    ``state.cache.commit(keep_B)`` (the first ``keep_B[b]`` of row b: what verification accepts) or
+    ``state.cache.rollback()`` (none). Committed units are rolled back per row with ``state.truncate_units(units_B)``
+    (or ``state.cache.truncate(prefix_len_B + units_B)``); ``state.units_B`` says how many each row holds. Rows may hold
+    different lengths: every row's new units continue at its own length (RoPE positions come from
+    ``state.cache.positions(n)``). ``state.select(index_B)`` keeps, reorders or repeats rows (e.g. drops the
+    unconditional half when guidance is over). ``prefill`` sizes the cache for the prefix, every unit and a margin
+    of drafted units past the end.
     """
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Codes per unit: 1 for plain raster order, ``s^2`` for Token-Shuffle windows of side s."""
+        ...
+
+    @property
+    def sequence_length(self) -> int:
+        """Units (steps) per image."""
+        ...
+
+    @property
+    def vocab_size(self) -> int:
+        """Codebook size V."""
+        ...
 
     def concat_conditions(self, cond: Any, uncond: Any) -> Any: ...
 
     def null_condition(self, batch_size: int) -> Any: ...
 
     def prefill(self, cond: Any) -> tuple[StepState, torch.Tensor]:
-        """State after the condition prefix and logits (B, V) for the first image token."""
+        """State after the condition prefix (committed) and float32 logits (B, k, V) for the first unit."""
         ...
 
-    def decode(self, tokens_Bn: torch.Tensor, state: StepState) -> torch.Tensor:
-        """Append ``tokens_Bn`` and return logits (B, n, V): entry j predicts the token after ``tokens_Bn[:, j]``."""
+    def decode(self, units_Bnk: torch.Tensor, state: StepState) -> torch.Tensor:
+        """Append ``units_Bnk`` (B, n, k) tentatively at each row's end and return float32 logits (B, n, k, V): entry
+        ``[:, j]`` predicts the unit after ``units_Bnk[:, j]``."""
+        ...
+
+    def to_raster(self, units_BNk: torch.Tensor) -> torch.Tensor:
+        """Units (B, sequence_length, k) -> the tokenizer's raster-order code ids (B, sequence_length * k)."""
         ...
 
 

@@ -72,12 +72,17 @@ def per_sample_exponential(shape_B: Sequence[int], generators: Generators, devic
     return torch.stack(rows)
 
 
-def sample_categorical(probs_BlV: torch.Tensor, generators: Generators = None) -> torch.Tensor:
+def sample_categorical(probs_BlV: torch.Tensor, generators: Generators = None,
+                       uniform_Bl: torch.Tensor | None = None) -> torch.Tensor:
     """Draw one index per row of (B, l, V) probabilities (need not be normalised) by inverse CDF on per-sample
-    uniform noise. Returns ``idx_Bl`` (B, l) int64. Tokens with probability 0 are never drawn."""
+    uniform noise (``uniform_Bl`` (B, l) in [0, 1) when given, e.g. drawn for a whole generation up front; else drawn
+    from ``generators``). Returns ``idx_Bl`` (B, l) int64. Tokens with probability 0 are never drawn."""
     B, l, V = probs_BlV.shape
     cdf_BlV = probs_BlV.float().cumsum(dim=-1)
-    u_Bl = per_sample_uniform((B, l), generators, probs_BlV.device)
+    if uniform_Bl is not None:
+        u_Bl = uniform_Bl.to(probs_BlV.device).reshape(B, l)
+    else:
+        u_Bl = per_sample_uniform((B, l), generators, probs_BlV.device)
     # Scale u by the total mass so float rounding in the cumsum can never pick a token past the last nonzero one.
     target_Bl1 = u_Bl.unsqueeze(-1) * cdf_BlV[..., -1:]
     idx_Bl = torch.searchsorted(cdf_BlV.contiguous(), target_Bl1.contiguous(), right=True).squeeze(-1)
@@ -90,14 +95,16 @@ def sample_from_logits(
     top_k: int = 0,
     top_p: float = 0.0,
     temperature: float = 1.0,
+    uniform_Bl: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Temperature -> top-k -> top-p -> categorical sample.
+    """Temperature -> top-k -> top-p -> categorical sample (noise ``uniform_Bl`` or from ``generators``, see
+    :func:`sample_categorical`).
 
     Returns ``(idx_Bl, filtered_logits_BlV)``; the filtered logits (``-inf`` outside the kept set) are what Gumbel
     smoothing and speculative verifiers use.
     """
     logits_BlV = filter_top_k_top_p(apply_temperature(logits_BlV.float(), temperature), top_k=top_k, top_p=top_p)
-    return sample_categorical(logits_BlV.softmax(dim=-1), generators), logits_BlV
+    return sample_categorical(logits_BlV.softmax(dim=-1), generators, uniform_Bl), logits_BlV
 
 
 def gumbel_softmax(logits_BlV: torch.Tensor, tau: float, generators: Generators = None) -> torch.Tensor:

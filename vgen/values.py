@@ -61,6 +61,14 @@ def positive_float(text) -> float:
     return value
 
 
+def nonnegative_float(text) -> float:
+    """A finite number >= 0."""
+    value = finite_float(text)
+    if value < 0:
+        raise ValueError(f"must be >= 0, got {str(text)[:40]}")
+    return value
+
+
 def probability(text) -> float:
     """A number in [0, 1]."""
     value = finite_float(text)

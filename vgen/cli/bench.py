@@ -13,6 +13,11 @@ from vgen.cli import OneLineErrorParser
 
 TARGETS = {
     "kernels": ("vgen.eval.bench_kernels", "compressed-KV-cache kernels vs torch SDPA and copy bandwidth (CUDA)"),
+    "next-token": ("vgen.eval.bench_next_token",
+                   "next-token pipelines (raster AR, Token-Shuffle windows) against the first one: images/s ratios"),
+    "speculative": ("vgen.eval.bench_speculative",
+                    "a speculative method (sjd, exact, lantern, mulo-sd; a sweep of its knob) against target-only "
+                    "sampling: speedups at B=1 and 16, forwards, acceptance, Shapes-GenEval / FID deltas, plot"),
     "video": ("vgen.eval.bench_video", "video generation per KV cache: FPS, first-frame latency, cache bytes"),
 }
 

@@ -2,6 +2,7 @@
 
     vgen convert var-official --vae vae_ch160v4096z32.pth --var var_d16.pth --out var-d16
     vgen generate --model var-d16 --class-label 207
+    vgen convert llamagen-official --vq vq_ds16_c2i.pt --gpt c2i_B_256.pt --out llamagen-b
 """
 
 from __future__ import annotations
@@ -29,6 +30,53 @@ def register(subparsers) -> None:
     var.add_argument("--num-classes", type=int, default=None,
                      help="expected number of classes (checked against the checkpoint; ImageNet: 1000)")
     var.set_defaults(func=convert_var_official)
+    register_llamagen(kinds)
+
+
+def register_llamagen(kinds) -> None:
+    llamagen = kinds.add_parser(
+        "llamagen-official",
+        help="official LlamaGen (FoundationVision/LlamaGen): vq_ds16_c2i.pt + c2i_*.pt -> RasterARPipeline folder",
+        description="Convert official class-conditional LlamaGen checkpoints (DDP files with weights under 'model', "
+        "FSDP raw state dicts, 'module' / 'state_dict' wrappers) into a RasterARPipeline folder. Missing or "
+        "unexpected keys are listed.",
+    )
+    llamagen.add_argument("--vq", required=True, help="official VQ tokenizer file (vq_ds16_c2i.pt)")
+    llamagen.add_argument("--gpt", required=True, help="official GPT file (c2i_B_256.pt, c2i_L_384.pt, ...)")
+    llamagen.add_argument("--out", required=True, help="output pipeline folder")
+    llamagen.add_argument("--image-size", type=int, default=256,
+                          help="image side the GPT was trained for: 256 for the *_256 files, 384 for *_384 "
+                               "(token grid = image size / the VQ's downsampling; default 256)")
+    llamagen.add_argument("--num-heads", type=int, default=None,
+                          help="attention heads (read from the released size with this width and depth by default)")
+    llamagen.add_argument("--guidance-scale", type=float, default=2.0,
+                          help="CFG weight saved as the folder's default (LlamaGen's evaluation: 2.0 for B and L)")
+    llamagen.set_defaults(func=convert_llamagen_official)
+
+
+def convert_llamagen_official(args: argparse.Namespace) -> int:
+    from vgen.cli.checks import check_output_folder
+    from vgen.models.raster_ar_official import load_official_llamagen_gpt
+    from vgen.pipelines.raster_ar import RasterARPipeline
+    from vgen.tokenizers.single_scale_vq import load_official_llamagen_vq
+
+    out = check_output_folder(args.out, "--out")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"output folder {out} exists and is not empty; choose a new --out")
+    vqvae = load_official_llamagen_vq(args.vq)
+    grid, leftover = divmod(args.image_size, vqvae.downsample)
+    if leftover or grid < 1:
+        raise UserError(
+            f"--image-size {args.image_size} is not a multiple of the VQ's downsampling factor {vqvae.downsample}"
+        )
+    transformer = load_official_llamagen_gpt(args.gpt, num_heads=args.num_heads, grid_size=grid)
+    pipe = RasterARPipeline(vqvae=vqvae, transformer=transformer, text_encoder=None,
+                            default_guidance_scale=args.guidance_scale)
+    pipe.save_pretrained(str(out))
+    cfg = transformer.config
+    print(f"wrote {out}: LlamaGen GPT {cfg.depth} layers (width {cfg.embed_dim}, {cfg.num_heads} heads, "
+          f"{cfg.num_classes} classes), {grid}x{grid} tokens ({args.image_size} px), VQ vocabulary {vqvae.vocab_size}")
+    return 0
 
 
 def convert_var_official(args: argparse.Namespace) -> int:

@@ -52,7 +52,8 @@ def default_out_dir(model_dir: Path, args: argparse.Namespace, sampling: dict, p
         if name == "guidance_profile":
             knobs.append("profile" + "_".join(f"{share:g}" for share in value))
         elif not isinstance(value, bool):
-            knobs.append(f"{_KNOB_NAMES.get(name, name.replace('_', ''))}{value}")
+            text = Path(value).name if isinstance(value, str) and "/" in value else value  # a folder: its name
+            knobs.append(f"{_KNOB_NAMES.get(name, name.replace('_', ''))}{text}")
         elif value:
             knobs.append(name.replace("_", ""))
     knobs.append(f"n{args.n}")

@@ -21,7 +21,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from vgen.errors import UserError
-from vgen.values import finite_float, nonnegative_int, positive_float, positive_int, probability
+from vgen.values import (
+    bounded_int,
+    finite_float,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
 
 
 def guidance_profile(text: str | Sequence[float]) -> str | list[float]:
@@ -85,6 +93,100 @@ VAR_OPTIONS = (
 )
 
 
+#: speculative decoding methods of next-token pipelines (:mod:`vgen.pipelines.speculative`)
+SPECULATIVE_METHODS = ("none", "sjd", "exact", "lantern", "mulo-sd")
+
+
+def speculative_method(text: str) -> str:
+    """One of :data:`SPECULATIVE_METHODS`."""
+    if text not in SPECULATIVE_METHODS:
+        raise ValueError(f"must be one of {', '.join(SPECULATIVE_METHODS)}, got {str(text)[:40]!r}")
+    return text
+
+
+def folder_or_empty(text: str) -> str:
+    """A folder path ("" = none); whether it exists is checked where it is used."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected a folder path, got {str(text)[:40]!r}")
+    return text
+
+
+def draft_units(text: str | int) -> int:
+    """Drafted units per round: 1 to 16 (the KV-cache margin a next-token model keeps past the image)."""
+    return bounded_int(text, 1, 16)
+
+
+def upsampler_choice(text: str) -> str:
+    """``resize`` or a folder holding a trained latent up-sampler."""
+    if not isinstance(text, str) or not text:
+        raise ValueError("must be 'resize' or an up-sampler folder")
+    return text
+
+
+#: speculative decoding, declared once for every next-token family (``vgen generate --speculative sjd`` ...); saved
+#: folder paths (drafter, up-sampler) are relative to the pipeline folder
+SPECULATIVE_OPTIONS = (
+    SamplingOption("speculative", speculative_method, "none",
+                   "speculative decoding: none; sjd (lossless, the target alone); exact (lossless, needs --drafter); "
+                   "lantern (relaxed acceptance, --pool-k / --delta; with --drafter or self-speculative); mulo-sd "
+                   "(lossy, a lower-resolution --drafter, --tau)", metavar="|".join(SPECULATIVE_METHODS)),
+    SamplingOption("drafter", folder_or_empty, "",
+                   "drafter pipeline folder (same tokenizer) for --speculative exact, lantern or mulo-sd", metavar="DIR"),
+    SamplingOption("gamma", draft_units, 4,
+                   "units the drafter proposes per round (exact, lantern with a drafter), 1-16"),
+    SamplingOption("window", draft_units, 16,
+                   "units in speculative Jacobi decoding's draft window (sjd, lantern without a drafter), 1-16"),
+    SamplingOption("pool_k", nonnegative_int, 8,
+                   "nearest codebook entries whose probability is pooled with a drafted code (lantern's k, mulo-sd's)"),
+    SamplingOption("delta", probability, 0.2, "lantern: total-variation budget of the relaxed acceptance, 0-1"),
+    SamplingOption("tau", nonnegative_float, 0.1,
+                   "mulo-sd: a drafted code is rejected when its pooled target probability is below tau (0 = keep "
+                   "every draft, > 1 = target only)"),
+    SamplingOption("radius", nonnegative_int, 1, "mulo-sd: every rejection grows into its neighbourhood of this radius"),
+    SamplingOption("draft_rows", positive_int, 1, "mulo-sd: drafter rows per round"),
+    SamplingOption("island_lag", nonnegative_int, 0,
+                   "mulo-sd: 0 = resample each rejection island in raster order; N >= 1 = ZipAR-style, an island's "
+                   "rows together, each N codes behind the row above (fewer target passes)", metavar="N"),
+    SamplingOption("upsampler", upsampler_choice, "resize",
+                   "mulo-sd: 'resize' (decode, resize, re-encode) or a trained latent up-sampler folder",
+                   metavar="resize|DIR"),
+)
+
+
+def cfg_interval(text: str | int) -> int:
+    """LlamaGen's ``cfg_interval``: -1 (guide every step) or a step count >= 0."""
+    try:
+        return bounded_int(text, -1)
+    except ValueError as err:
+        if str(err).startswith("must "):
+            raise ValueError(f"must be -1 (every step) or >= 0, got {str(text)[:40]}") from None
+        raise
+
+
+def raster_guidance_schedule(text: str) -> str:
+    """``constant`` or ``ramp`` (see :mod:`vgen.pipelines.raster_ar`)."""
+    if text not in ("constant", "ramp"):
+        raise ValueError(f"must be 'constant' or 'ramp', got {text!r}")
+    return text
+
+
+RASTER_AR_OPTIONS = (
+    SamplingOption("guidance_scale", finite_float, 2.0,
+                   "classifier-free guidance weight w: uncond + w (cond - uncond), LlamaGen's cfg_scale (1 = off)"),
+    SamplingOption("top_k", nonnegative_int, 0, "top-k filtering, 0 = off, 1 = greedy"),
+    SamplingOption("top_p", probability, 1.0, "top-p (nucleus) filtering, 0 or 1 = off"),
+    SamplingOption("temperature", positive_float, 1.0, "sampling temperature (> 0; use top-k 1 for greedy)"),
+    SamplingOption("guidance_schedule", raster_guidance_schedule, "constant",
+                   "how the guidance weight moves over the generated tokens: 'constant' (LlamaGen) or 'ramp' (from 1 "
+                   "at the first step to the guidance scale at the last, Token-Shuffle's schedule)",
+                   metavar="constant|ramp"),
+    SamplingOption("cfg_interval", cfg_interval, -1,
+                   "LlamaGen's cfg_interval: guide only the first N + 2 steps (tokens or Token-Shuffle windows); "
+                   "-1 = every step", metavar="N"),
+    *SPECULATIVE_OPTIONS,
+)
+
+
 def one_of(*choices: str) -> Callable[[Any], str]:
     """A parser that accepts exactly one of ``choices``."""
 
@@ -129,6 +231,8 @@ class PipelineEntry:
 
 PIPELINES: dict[str, PipelineEntry] = {
     "VARPipeline": PipelineEntry("vgen.pipelines.var:VARPipeline", "VAR", VAR_OPTIONS),
+    "RasterARPipeline": PipelineEntry("vgen.pipelines.raster_ar:RasterARPipeline", "raster AR",
+                                      RASTER_AR_OPTIONS),
     "VideoPipeline": PipelineEntry("vgen.pipelines.video:VideoPipeline", "video", VIDEO_OPTIONS),
 }
 

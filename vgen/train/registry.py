@@ -29,6 +29,8 @@ TASKS: dict[str, str] = {
     "tokenizer": "vgen.train.tokenizer_task:TokenizerTask",
     "autoencoder": "vgen.train.autoencoder_task:AutoencoderTask",
     "var": "vgen.train.var_task:VARTask",
+    "raster-ar": "vgen.train.raster_ar_task:RasterARTask",
+    "latent-upsampler": "vgen.train.latent_upsampler_task:LatentUpsamplerTask",
     "shapes-features": "vgen.train.shapes_features_task:ShapesFeaturesTask",
     "video": "vgen.train.video_task:VideoTask",
 }
