@@ -23,6 +23,7 @@ SUBCOMMAND_MODULES = [
     "train",
     "generate",
     "generate_video",
+    "stream",
     "profile_heads",
     "convert",
     "bench",
