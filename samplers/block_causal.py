@@ -98,13 +98,18 @@ class BlockCausalSampler:
         generators: one ``torch.Generator`` per video, or None (global RNG).
         cache: the model's cache choice (e.g. :class:`vgen.models.video_cache.VideoCacheConfig`); None: its default.
         max_frames: frames the cache must hold (the full cache); None: the model's default.
+        state: run on this existing generation state instead of starting one (``cond``, ``cache`` and
+            ``max_frames`` are then unused); see :meth:`sibling`.
     """
 
     def __init__(self, model: BlockCausalModel, cond: Any, batch_size: int, sampling: BlockSampling,
-                 generators: Generators = None, cache: Any = None, max_frames: int | None = None):
+                 generators: Generators = None, cache: Any = None, max_frames: int | None = None,
+                 state: Any = None):
         self.model, self.batch_size, self.sampling, self.generators = model, batch_size, sampling, generators
         self._use_cfg = sampling.uses_cfg
-        self.state = model.start(self._with_null(cond), cache=cache, max_frames=max_frames)
+        if state is None:
+            state = model.start(self._with_null(cond), cache=cache, max_frames=max_frames)
+        self.state = state
         self.index = 0  # the next block
         self.guidance = FlowGuidance(weight=sampling.guidance_scale, t_low=sampling.guidance_interval[0],
                                      t_high=sampling.guidance_interval[1])
@@ -121,6 +126,16 @@ class BlockCausalSampler:
     @property
     def device(self) -> torch.device:
         return torch.device(self.model.device)
+
+    def sibling(self, sampling: BlockSampling, generators: Generators = None) -> BlockCausalSampler:
+        """Another sampling of the same model (e.g. fewer steps: an SDVG drafter) on this sampler's very state: the
+        two read one KV cache and one condition, so one :meth:`commit` (through either) commits for both. Both must
+        agree on CFG (the state's rows are B, or 2B with CFG)."""
+        if sampling.uses_cfg != self._use_cfg:
+            raise ValueError("a sibling sampler shares the state's rows, so it must use CFG exactly when this one does")
+        other = BlockCausalSampler(self.model, None, self.batch_size, sampling, generators, state=self.state)
+        other.index = self.index
+        return other
 
     def set_condition(self, cond: Any) -> None:
         """Blocks from the next one on follow ``cond`` (e.g. a new prompt)."""

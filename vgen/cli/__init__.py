@@ -25,6 +25,7 @@ SUBCOMMAND_MODULES = [
     "train",
     "generate",
     "generate_video",
+    "stream",
     "profile_heads",
     "convert",
     "bench",

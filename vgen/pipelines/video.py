@@ -11,9 +11,13 @@
         if block.index == 5:
             stream.set_prompt("a red circle moving left")                  # later blocks follow the new prompt
 
+    stream = pipe.stream("a red circle moving right", sdvg=SDVGOptions(tau=0.5, draft_steps=1))  # SDVG routing
+
 The generation loop is :class:`vgen.samplers.block_causal.BlockCausalSampler`; the cache is chosen by the ``cache``
 option (:mod:`vgen.models.video_cache`). A folder may carry ``head_profile.json`` (``vgen profile-heads``), which
-the ``forcing_kv`` cache needs; it is checked against the transformer when used.
+the ``forcing_kv`` cache needs; it is checked against the transformer when used. With ``sdvg=SDVGOptions(...)`` a
+stream routes every block after the first between a drafter (this model in fewer steps, or another video pipeline
+on the same latent space) and this model (:class:`vgen.samplers.sdvg.SDVGRouter`); each block records the decision.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from vgen.pipelines.base import VGenPipeline, options_of
 from vgen.samplers.block_causal import BlockCausalSampler, BlockSampling, BlockTimings
 from vgen.samplers.flow_grids import shifted_time_grid
 from vgen.samplers.flow_transitions import DenoiseRenoise, EulerODE
+from vgen.samplers.sdvg import FrameScorer, SDVGDecision, SDVGRouter, derived_generators
 
 VIDEO_OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 
@@ -55,7 +60,8 @@ class VideoPipelineOutput(BaseOutput):
 class VideoBlock:
     """One streamed block: ``frames`` (B, f, H, W, 3) uint8 for frames ``first_frame ...``, its ``latents``
     (B, f, C, h, w), and timings: ``denoise`` / ``commit`` (the diffusion, seconds) and ``decode`` (the
-    autoencoder), plus ``elapsed`` (seconds since the stream started, when the block was ready)."""
+    autoencoder), plus ``elapsed`` (seconds since the stream started, when the block was ready). ``sdvg``: how an
+    SDVG stream chose the block (None without SDVG); its timings then also carry the drafter's and the scorer's."""
 
     index: int
     first_frame: int
@@ -64,16 +70,32 @@ class VideoBlock:
     timings: BlockTimings
     decode_seconds: float
     elapsed: float
+    sdvg: SDVGDecision | None = None
+
+
+@dataclass
+class SDVGOptions:
+    """SDVG routing for :meth:`VideoPipeline.stream`: accept a drafted block when its worst-frame score >= ``tau``.
+
+    ``drafter``: another :class:`VideoPipeline` on the same latent space and block size (its own saved sampling),
+    or None: this model with ``draft_steps`` denoising steps per block (the rest of its sampling as the target's),
+    sharing the target's KV cache, so a block is committed once for both. ``scorer``: a
+    :data:`vgen.samplers.sdvg.FrameScorer`; None: :class:`vgen.eval.video_scorers.MovingShapesFrameScorer`."""
+
+    tau: float
+    draft_steps: int = 1
+    drafter: VideoPipeline | None = None
+    scorer: FrameScorer | None = None
 
 
 class VideoStream:
     """Iterator over the blocks of a generation (see :meth:`VideoPipeline.stream`); ``set_prompt`` switches the
     prompt from the next block on."""
 
-    def __init__(self, pipe: VideoPipeline, sampler: BlockCausalSampler, num_blocks: int | None, prompts: list[str],
-                 per_prompt: int):
+    def __init__(self, pipe: VideoPipeline, sampler: BlockCausalSampler | SDVGRouter, num_blocks: int | None,
+                 prompts: list[str], per_prompt: int, drafter_pipe: VideoPipeline | None = None):
         self.pipe, self.sampler, self.num_blocks = pipe, sampler, num_blocks
-        self.prompts, self.per_prompt = prompts, per_prompt
+        self.prompts, self.per_prompt, self.drafter_pipe = prompts, per_prompt, drafter_pipe
         self._blocks = sampler.blocks(num_blocks)
         self._start = time.perf_counter()
 
@@ -83,9 +105,20 @@ class VideoStream:
             raise UserError(f"give one prompt or {len(self.prompts)} (one per stream), got {len(prompts)}")
         if len(prompts) == 1:
             prompts = prompts * len(self.prompts)
-        cond, _ = self.pipe.encode_condition(prompts, None, self.per_prompt)
-        self.sampler.set_condition(cond)
+        cond, rows = self.pipe.encode_condition(prompts, None, self.per_prompt)
+        if isinstance(self.sampler, SDVGRouter):
+            drafter_cond = None
+            if self.drafter_pipe is not None:
+                drafter_cond, _ = self.drafter_pipe.encode_condition(prompts, None, self.per_prompt)
+            self.sampler.set_condition(cond, drafter_cond, rows)
+        else:
+            self.sampler.set_condition(cond)
         self.prompts = prompts
+
+    @property
+    def sdvg(self) -> SDVGRouter | None:
+        """The router of an SDVG stream (``.stats``: acceptance so far), else None."""
+        return self.sampler if isinstance(self.sampler, SDVGRouter) else None
 
     def __iter__(self) -> Iterator[VideoBlock]:
         return self
@@ -93,11 +126,12 @@ class VideoStream:
     def __next__(self) -> VideoBlock:
         block = next(self._blocks)
         start = time.perf_counter()
-        frames = self.pipe.decode_frames(block.latents)
+        uint8 = getattr(block, "frames", None)  # an accepted SDVG draft was decoded (and scored) already
+        if uint8 is None:
+            uint8 = self.pipe.decode_uint8(block.latents)
         decode = time.perf_counter() - start
-        uint8 = (frames.permute(0, 1, 3, 4, 2).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
         return VideoBlock(block.index, block.first_frame, uint8, block.latents, block.timings, decode,
-                          time.perf_counter() - self._start)
+                          time.perf_counter() - self._start, getattr(block, "decision", None))
 
 
 class VideoPipeline(VGenPipeline):
@@ -180,6 +214,11 @@ class VideoPipeline(VGenPipeline):
         frames = self.autoencoder.decode_latents(flat).float().add(1).mul(0.5).clamp(0, 1)
         return frames.view(B, F_, *frames.shape[1:])
 
+    def decode_uint8(self, latents_BFChw: torch.Tensor) -> np.ndarray:
+        """Latent frames (B, F, C, h, w) -> frames (B, F, H, W, 3) uint8 (what a viewer sees)."""
+        frames = self.decode_frames(latents_BFChw)
+        return (frames.permute(0, 1, 3, 4, 2) * 255).round().to(torch.uint8).cpu().numpy()
+
     def _sampler(self, prompt, num_videos_per_prompt, generator, num_frames, sampling_given):
         sampling = self.resolve_sampling(**sampling_given)
         cond, prompts = self.encode_condition(prompt, None, num_videos_per_prompt)
@@ -191,17 +230,56 @@ class VideoPipeline(VGenPipeline):
     # -- generation -----------------------------------------------------------------------------------------------
 
     def stream(self, prompt: str | list[str], num_frames: int | None = None, num_videos_per_prompt: int = 1,
-               generator: torch.Generator | list[torch.Generator] | None = None, **sampling) -> VideoStream:
+               generator: torch.Generator | list[torch.Generator] | None = None, sdvg: SDVGOptions | None = None,
+               **sampling) -> VideoStream:
         """Generate block by block: an iterator of :class:`VideoBlock` (``num_frames`` frames, or without end
         when None; the full cache then grows until its default capacity, the training length, is spent, so long
-        streams use ``cache="sink_window"`` or ``"forcing_kv"``). ``sampling``: options as in ``__call__``."""
+        streams use ``cache="sink_window"`` or ``"forcing_kv"``). ``sampling``: options as in ``__call__``.
+        ``sdvg``: route blocks between a drafter and this model (:class:`SDVGOptions`)."""
         num_blocks = None if num_frames is None else self.check_num_frames(num_frames) // self.frames_per_block
         capacity = num_frames
         if num_frames is None and sampling.get("cache", self.config.get("default_cache")) == "full":
             capacity = self.transformer.config.max_frames
         sampler, prompts = self._sampler(prompt, num_videos_per_prompt, generator, capacity, sampling)
         base = [p for i, p in enumerate(prompts) if i % num_videos_per_prompt == 0]
-        return VideoStream(self, sampler, num_blocks, base, num_videos_per_prompt)
+        if sdvg is None:
+            return VideoStream(self, sampler, num_blocks, base, num_videos_per_prompt)
+        router = self._sdvg_router(sdvg, sampler, prompts, num_videos_per_prompt, capacity, sampling)
+        return VideoStream(self, router, num_blocks, base, num_videos_per_prompt, drafter_pipe=sdvg.drafter)
+
+    def _sdvg_router(self, sdvg: SDVGOptions, target: BlockCausalSampler, prompts: list[str], per_prompt: int,
+                     capacity: int | None, sampling: dict) -> SDVGRouter:
+        """The router for an SDVG stream whose target sampler is ``target`` (see :class:`SDVGOptions`)."""
+        scorer = sdvg.scorer
+        if scorer is None:
+            from vgen.eval.video_scorers import MovingShapesFrameScorer
+
+            scorer = MovingShapesFrameScorer()
+        if not callable(scorer):
+            raise UserError("the SDVG scorer must be a callable scorer(frames (B, f, H, W, 3) uint8, prompts)")
+        try:
+            tau = float(sdvg.tau)
+        except (TypeError, ValueError):
+            raise UserError(f"the SDVG threshold tau must be a number, got {sdvg.tau!r}") from None
+        if tau != tau:
+            raise UserError("the SDVG threshold tau must be a number or +-inf, got NaN")
+        draft_generators = derived_generators(target.generators)
+        if sdvg.drafter is None:
+            steps = self.option("num_steps").check(sdvg.draft_steps)
+            draft_sampling = self.block_sampling(self.resolve_sampling(**{**sampling, "num_steps": steps}))
+            drafter = target.sibling(draft_sampling, draft_generators)
+        else:
+            other = sdvg.drafter
+            if not isinstance(other, VideoPipeline):
+                raise UserError(f"the SDVG drafter must be a VideoPipeline, got {type(other).__name__}")
+            if tuple(other.transformer.block_shape) != tuple(self.transformer.block_shape):
+                raise UserError(f"the SDVG drafter's blocks {tuple(other.transformer.block_shape)} differ from this "
+                                f"model's {tuple(self.transformer.block_shape)}; it must share the latent space")
+            draft_options = other.resolve_sampling(cache=self.resolve_sampling(**sampling)["cache"])
+            cond, _ = other.encode_condition(prompts[::per_prompt], None, per_prompt)
+            drafter = BlockCausalSampler(other.transformer, cond, len(prompts), other.block_sampling(draft_options),
+                                         draft_generators, other.cache_config(draft_options), max_frames=capacity)
+        return SDVGRouter(target, drafter, self.decode_uint8, scorer, tau, prompts)
 
     @torch.no_grad()
     def __call__(
