@@ -13,9 +13,23 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PARITY_DIR = REPO_ROOT.parent / "shared" / "reference" / "parity"
-LAYOUT_DIR = REPO_ROOT.parent / "shared" / "reference" / "checkpoint-layouts"
-GENEVAL_DIR = REPO_ROOT.parent / "shared" / "reference" / "geneval"
+
+
+def _reference_dir() -> Path:
+    """The shared reference folder: ``$VGEN_REFERENCE_DIR``, else the nearest ``shared/reference`` beside the
+    checkout or beside one of its parent folders (a git worktree may sit one level deeper than the main checkout)."""
+    if os.environ.get("VGEN_REFERENCE_DIR"):
+        return Path(os.environ["VGEN_REFERENCE_DIR"])
+    for base in REPO_ROOT.parents:
+        if (base / "shared" / "reference").is_dir():
+            return base / "shared" / "reference"
+    return REPO_ROOT.parent / "shared" / "reference"
+
+
+REFERENCE_DIR = _reference_dir()
+PARITY_DIR = REFERENCE_DIR / "parity"
+LAYOUT_DIR = REFERENCE_DIR / "checkpoint-layouts"
+GENEVAL_DIR = REFERENCE_DIR / "geneval"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
