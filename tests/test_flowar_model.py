@@ -8,6 +8,7 @@ import torch
 from conftest import LAYOUT_DIR
 
 from vgen.checkpoints import state_dict_mismatch
+from vgen.models.ar_blocks import AdaLNBlock
 from vgen.errors import UserError
 from vgen.models.flowar import FLOWAR_SIZES, FlowAR, create_flowar
 from vgen.models.flowar_official import official_flowar_config, official_size_name
@@ -158,3 +159,20 @@ def test_bad_inputs_give_one_line():
     with pytest.raises(UserError, match="unknown FlowAR size"):
         create_flowar("flowar-b")
     assert set(FLOWAR_SIZES) == {"flowar-s", "flowar-l", "flowar-h"}
+
+
+def test_shared_block_takes_one_condition_per_image_or_per_token():
+    """xAR conditions every token (its cell's time); FlowAR every image: the same block serves both."""
+    torch.manual_seed(0)
+    block = AdaLNBlock(32, 2, cond_dim=16, rope=False).eval()
+    x, cond_BD = torch.randn(2, 5, 32), torch.randn(2, 16)
+    per_token = cond_BD[:, None].expand(2, 5, 16).clone()
+    per_token[:, 3:] += 1.0  # tokens 3, 4 get another condition
+    with torch.no_grad():
+        a, b = block(x, cond_BD), block(x, per_token)
+    assert block.attn.rope is None and "attn.rope.freqs" not in block.state_dict()
+    assert not torch.allclose(a[:, 3:], b[:, 3:], atol=1e-3)
+    with torch.no_grad():  # with a causal mask the first tokens see neither the later tokens nor their condition
+        mask = torch.ones(5, 5, dtype=torch.bool).tril()
+        a, b = block(x, cond_BD, mask=mask), block(x, per_token, mask=mask)
+    assert torch.allclose(a[:, :3], b[:, :3], atol=1e-6)

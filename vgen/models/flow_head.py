@@ -24,16 +24,15 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from vgen.models.ar_blocks import RoPESelfAttention, gated_mlp_hidden_dim
 from vgen.models.layers import (
     GatedGELUMLP,
     RMSNorm,
-    RoPESelfAttention,
     TimestepEmbedder,
     VisionRoPE2D,
     apply_eva_rope,
-    eva_rope_table,
     attention,
-    gated_mlp_hidden_dim,
+    eva_rope_table,
     modulate,
     unpack_adaln6,
 )

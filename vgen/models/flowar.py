@@ -48,7 +48,8 @@ from vgen.errors import UserError
 from vgen.kv_cache import FullKVCache
 from vgen.models.conditioning import Condition, ConditionedModel
 from vgen.models.flow_head import FLOW_HEAD_TYPES, FlowHead
-from vgen.models.layers import AdaLNBlock, RMSNorm, eva_rope_table
+from vgen.models.ar_blocks import AdaLNBlock
+from vgen.models.layers import RMSNorm, eva_rope_table
 
 FLOWAR_SCALES_256 = (1, 2, 4, 8, 16)
 
@@ -58,7 +59,8 @@ FLOWAR_SCALES_256 = (1, 2, 4, 8, 16)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def flowar_size(depth: int, width: int, heads: int, flow_depth: int, flow_width: int, flow_head: str) -> dict[str, Any]:
+def flowar_size(depth: int, width: int, heads: int, flow_depth: int, flow_width: int,
+                flow_head: str) -> dict[str, Any]:
     """Constructor kwargs of an official size: ``depth`` blocks in each of the two AR stacks."""
     return dict(
         encoder_embed_dim=width, encoder_depth=depth, encoder_num_heads=heads,
@@ -255,7 +257,8 @@ class FlowAR(ModelMixin, ConfigMixin, ConditionedModel):
         output layer is overwritten too)."""
         if self.z_proj.weight.device.type == "meta":
             return
-        for table in (self.encoder_pos_embed_learned, self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned):
+        tables = (self.encoder_pos_embed_learned, self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned)
+        for table in tables:
             nn.init.normal_(table, std=0.02)
         if not self.is_text_conditional:
             nn.init.normal_(self.class_emb.weight, std=0.02)
