@@ -2,7 +2,7 @@
 
 Every image has a global index and its own seed ``seed + index`` (one ``torch.Generator`` per image), so the set of
 images does not depend on the number of processes or on which ranks drew which batch. Under ``torchrun`` (process
-group from :mod:`vgen.train.distributed`) rank r draws indices r, r + W, r + 2W, ... ; images already on disk are
+group from :mod:`vgen.distributed`) rank r draws indices r, r + W, r + 2W, ... ; images already on disk are
 skipped, so an interrupted run resumes where it stopped. Bit-for-bit equality also needs the same intra-op thread
 count (torchrun sets ``OMP_NUM_THREADS=1``; CPU float reductions depend on it, and a flipped rounding moves a pixel
 value by 1) and the same device type. Files are written atomically (temporary name, then rename). After a barrier, rank 0 writes
@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from vgen.errors import UserError
-from vgen.train.distributed import DistContext, barrier, setup_distributed
+from vgen.distributed import DistContext, barrier, setup_distributed
 
 SETTINGS_FILE = "sample_config.json"
 MANIFEST_FILE = "manifest.jsonl"

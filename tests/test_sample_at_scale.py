@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from vgen.data import PROMPT_VOCABULARY
 from vgen.eval.sample_at_scale import (
     flat_jobs,
     geneval_jobs,
@@ -25,7 +26,7 @@ from vgen.errors import UserError
 from vgen.models.text_encoder import ShapesTextEncoder
 from vgen.models.var import VAR
 from vgen.pipelines.var import VARPipeline
-from vgen.train.distributed import setup_distributed
+from vgen.distributed import setup_distributed
 
 SAMPLING = {"guidance_scale": 1.5, "top_k": 50, "top_p": 0.9}
 
@@ -37,7 +38,7 @@ def tiny_pipeline(text: bool = False) -> VARPipeline:
         vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2), num_res_blocks=1, norm_num_groups=8
     ).eval()
     if text:
-        encoder = ShapesTextEncoder(embed_dim=32, depth=1, num_heads=2)
+        encoder = ShapesTextEncoder(PROMPT_VOCABULARY, embed_dim=32, depth=1, num_heads=2)
         var = VAR(vocab_size=64, Cvae=8, depth=1, embed_dim=32, num_heads=1, conditioning="text", text_embed_dim=32)
         return VARPipeline(vqvae=vqvae, transformer=var, text_encoder=encoder)
     var = VAR(vocab_size=64, Cvae=8, depth=1, embed_dim=32, num_heads=1, num_classes=10)

@@ -57,14 +57,15 @@ def test_top_p_hand_computed():
 
 
 def test_top_k_then_top_p_order():
+    """Inputs where the two orders keep different sets, so swapping them inside the filter fails this test."""
     probs = torch.tensor([0.4, 0.3, 0.2, 0.1])
     logits = probs.log().view(1, 1, 4)
-    # top-k=3 renormalises to 4/9, 3/9, 2/9; then top_p=0.7 removes cumsum <= 0.3 -> 2/9 (0.222) goes.
-    keep = torch.isfinite(filter_top_k_top_p(logits, top_k=3, top_p=0.7)).view(-1)
-    assert keep.tolist() == [True, True, False, False]
-    # the other order (top-p on the full distribution first) would keep 0.2 as well: cumsum 0.1, 0.3 -> removes 0.1,0.2
-    keep_p_only = torch.isfinite(filter_top_k_top_p(logits, top_p=0.7)).view(-1)
-    assert keep_p_only.tolist() == [True, True, False, False]
+    # top-k=2 renormalises to 4/7, 3/7; top-p=0.5 then drops 3/7 (cumsum 0.43 <= 0.5): only the largest stays
+    keep = torch.isfinite(filter_top_k_top_p(logits, top_k=2, top_p=0.5)).view(-1)
+    assert keep.tolist() == [True, False, False, False]
+    # the other order: top-p on the full distribution drops 0.1 and 0.2 (cumsum 0.1, 0.3), top-k=2 keeps 0.4, 0.3
+    p_then_k = filter_top_k_top_p(filter_top_k_top_p(logits, top_p=0.5), top_k=2)
+    assert torch.isfinite(p_then_k).view(-1).tolist() == [True, True, False, False]
     keep = torch.isfinite(filter_top_k_top_p(logits, top_k=3, top_p=0.85)).view(-1)
     assert keep.tolist() == [True, True, True, False]
 

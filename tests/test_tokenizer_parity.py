@@ -58,11 +58,13 @@ def test_idxBl_to_img_matches_official(parity_dir):
     run = _official_run(parity_dir)
     ours, ref = run["ours"]["recon"], run["io"]["recon"]
     assert ours.shape == ref.shape == (2, 3, 256, 256)
-    assert float((ours - ref).abs().max()) < 1e-4
+    # measured 6.3e-6 (images in [-1, 1]); the bound leaves room for another CPU's float rounding
+    assert float((ours - ref).abs().max()) < 2e-5
 
 
 def test_idxBl_to_var_input_matches_official(parity_dir):
     run = _official_run(parity_dir)
     ours, ref = run["ours"]["var_input"], run["io"]["var_input"]
     assert ours.shape == ref.shape == (2, 679, 32) and ours.dtype == torch.float32
-    assert float((ours - ref).abs().max()) < 1e-4
+    # measured 0 (a codebook lookup and area downsampling of the same codes)
+    assert float((ours - ref).abs().max()) < 1e-6

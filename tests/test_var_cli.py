@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from vgen.data import PROMPT_VOCABULARY
 from vgen.tokenizers.msvq import MultiScaleVQModel
 
 from vgen.cli import main
@@ -120,7 +121,7 @@ def test_convert_lists_bad_keys(official_files, tmp_path):
 
 def test_text_pipeline_round_trip_and_errors(tmp_path):
     torch.manual_seed(0)
-    enc = ShapesTextEncoder(embed_dim=32, depth=1, num_heads=2)
+    enc = ShapesTextEncoder(PROMPT_VOCABULARY, embed_dim=32, depth=1, num_heads=2)
     var = VAR(vocab_size=512, Cvae=32, depth=1, embed_dim=64, num_heads=1, conditioning="text", text_embed_dim=32,
               text_cross_attn=True)
     pipe = VARPipeline(vqvae=tiny_vqvae(), transformer=var, text_encoder=enc)

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from conftest import LAYOUT_DIR
+from vgen.data import PROMPT_VOCABULARY
 from vgen.samplers.next_scale import TokenSampling, generate_next_scale
 from vgen.tokenizers.msvq import MultiScaleVQModel
 
@@ -36,7 +37,7 @@ def tiny_var(**kw):
 
 def tiny_text_encoder():
     torch.manual_seed(0)
-    return ShapesTextEncoder(embed_dim=32, depth=1, num_heads=2).eval()
+    return ShapesTextEncoder(PROMPT_VOCABULARY, embed_dim=32, depth=1, num_heads=2).eval()
 
 
 def _teacher_forced_check(model, vq, cond, cond_for_forward):
@@ -195,7 +196,7 @@ def test_text_encoder_sees_word_order_from_the_start():
     # Words and positions start at the same scale: with N(0, 1) word embeddings (the embedding layer's default) the
     # positions were drowned out and swapping two colour words left every token as it was (cosine 0.999998).
     torch.manual_seed(0)
-    enc = ShapesTextEncoder(embed_dim=192, depth=2, num_heads=4).eval()
+    enc = ShapesTextEncoder(PROMPT_VOCABULARY, embed_dim=192, depth=2, num_heads=4).eval()
     assert enc.token_embed.weight.std() < 0.03 and enc.token_embed.weight[0].abs().sum() == 0
     with torch.no_grad():
         _, tokens, _ = enc.encode(["a photo of a red circle and a blue square",
@@ -205,8 +206,8 @@ def test_text_encoder_sees_word_order_from_the_start():
 
 def test_word_mixing_starts_as_the_identity_and_binds_words_to_their_neighbours():
     torch.manual_seed(0)
-    plain = ShapesTextEncoder(embed_dim=32, depth=1, num_heads=2).eval()
-    mixed = ShapesTextEncoder(embed_dim=32, depth=1, num_heads=2, word_mixing=3).eval()
+    plain = ShapesTextEncoder(PROMPT_VOCABULARY, embed_dim=32, depth=1, num_heads=2).eval()
+    mixed = ShapesTextEncoder(PROMPT_VOCABULARY, embed_dim=32, depth=1, num_heads=2, word_mixing=3).eval()
     assert set(mixed.state_dict()) - set(plain.state_dict()) == {
         f"word_mixer.{name}.{kind}" for name in ("conv", "proj") for kind in ("weight", "bias")}
     mixed.load_state_dict({**mixed.state_dict(), **plain.state_dict()})
@@ -224,7 +225,7 @@ def test_word_mixing_starts_as_the_identity_and_binds_words_to_their_neighbours(
         _, alone, _ = mixed.encode(["a photo of a red circle"])
         torch.testing.assert_close(batched[0, :6], alone[0], atol=1e-6, rtol=1e-5)
     with pytest.raises(UserError, match="odd kernel size"):
-        ShapesTextEncoder(embed_dim=32, depth=1, num_heads=2, word_mixing=2)
+        ShapesTextEncoder(PROMPT_VOCABULARY, embed_dim=32, depth=1, num_heads=2, word_mixing=2)
 
 
 def test_class_and_text_misuse_errors():

@@ -23,7 +23,8 @@ def test_teacher_forced_logits_match_official(parity_dir):
         logits_BLV = model(io["labels"], io["var_input"])
     assert logits_BLV.shape == io["logits"].shape == (2, 680, 512)
     err = (logits_BLV - io["logits"]).abs().max().item()
-    assert err < 1e-4, err
+    # measured 0 here (logits up to 2.8 in magnitude); the bound allows another CPU's float rounding
+    assert err < 1e-5, err
 
 
 def test_greedy_cfg_sample_matches_official(parity_dir):
@@ -40,7 +41,8 @@ def test_greedy_cfg_sample_matches_official(parity_dir):
         img = vqvae.fhat_to_img(out.f_hat).add(1).mul(0.5)
     assert img.shape == io["greedy_sample"].shape == (2, 3, 256, 256)
     err = (img - io["greedy_sample"]).abs().max().item()
-    assert err < 1e-3, err
+    # measured 3.3e-6 (images in [0, 1]; the tokens are identical, the rest is decoder rounding)
+    assert err < 2e-5, err
     # guidance matters at this precision: without CFG the sample differs
     with torch.no_grad():
         plain = generate_next_scale(model, vqvae.quantize, model.class_condition(io["labels"]), 2,

@@ -35,8 +35,8 @@ class OneLineErrorParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         prog="vgen",
-        description="vgen: visual autoregressive generation (VAR-family generators, speculative sampling, "
-        "compressed KV caches, FID and GenEval).",
+        description="vgen: visual autoregressive generation (VAR next-scale generators, a shared sampling layer, "
+        "KV caches on Triton kernels, FID and GenEval scoring).",
     )
     from vgen import __version__
 

@@ -48,7 +48,7 @@ def _generate_from_model(args: argparse.Namespace, metadata: list[dict], out: Pa
     from vgen.eval.geneval import write_prompt_metadata
     from vgen.eval.sample_at_scale import geneval_jobs, load_pipeline, run_sampling
     from vgen.pipelines import resolve_model_dir
-    from vgen.train.distributed import barrier, setup_distributed, teardown_distributed
+    from vgen.distributed import barrier, setup_distributed, teardown_distributed
 
     model_dir = resolve_model_dir(args.model)
     ctx = setup_distributed()

@@ -62,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
     conditions = args.prompt or args.class_label
     total = len(conditions) * args.n
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(total)]
-    sampling = pipe.resolve_sampling(args.guidance_scale, args.top_k, args.top_p, args.temperature,
-                                     args.guidance_profile)
+    sampling = pipe.resolve_sampling(guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p,
+                                     temperature=args.temperature, guidance_profile=args.guidance_profile)
     output = pipe(
         prompt=list(args.prompt) if args.prompt else None,
         class_labels=args.class_label,

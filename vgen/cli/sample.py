@@ -48,7 +48,7 @@ def _guidance_profile(text: str):
 
 def sampling_kwargs(args: argparse.Namespace, pipe) -> dict:
     """The sampling flags; a flag left out takes the pipeline's own saved setting (``pipe.resolve_sampling``)."""
-    resolved = pipe.resolve_sampling(args.guidance_scale, args.top_k, args.top_p,
+    resolved = pipe.resolve_sampling(guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p,
                                      guidance_profile=args.guidance_profile)
     return {k: resolved[k] for k in ("guidance_scale", "top_k", "top_p", "guidance_profile")}
 
@@ -74,7 +74,7 @@ def _run(args: argparse.Namespace) -> int:
         run_sampling,
     )
     from vgen.pipelines import resolve_model_dir
-    from vgen.train.distributed import setup_distributed, teardown_distributed
+    from vgen.distributed import setup_distributed, teardown_distributed
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")

@@ -1,8 +1,9 @@
 """Text encoders for text-conditional generators.
 
-:class:`ShapesTextEncoder` is a small trainable word-level transformer whose vocabulary is every word a Shapes
-caption can contain (``vgen.data.shapes.PROMPT_VOCABULARY``) plus ``<pad>`` and ``<null>``; it is trained together
-with the generator and saved with it in a pipeline folder.
+:class:`ShapesTextEncoder` is a small trainable word-level transformer over a fixed vocabulary (for the Shapes world:
+every word a Shapes caption can contain, ``vgen.data.PROMPT_VOCABULARY``) plus ``<pad>`` and ``<null>``; it is
+trained together with the generator and saved with it in a pipeline folder. The vocabulary is part of its saved
+config, so loading it needs nothing from the data world.
 
 **Using another (pretrained) text encoder.** A generator only needs an object that implements
 :class:`TextEncoder`: ``tokenize(prompts) -> (ids_BT, mask_BT)`` and ``forward(ids_BT, mask_BT) -> (pooled_BD,
@@ -44,12 +45,6 @@ class TextEncoder(Protocol):
     def forward(self, ids_BT: torch.Tensor, mask_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(pooled_BD, tokens_BTD)``; padded positions of ``tokens_BTD`` are ignored through ``mask_BT``."""
         ...
-
-
-def default_shapes_vocabulary() -> list[str]:
-    from vgen.data.shapes import PROMPT_VOCABULARY
-
-    return list(PROMPT_VOCABULARY)
 
 
 def split_words(prompt: str) -> list[str]:
@@ -108,9 +103,12 @@ class ShapesTextEncoder(ModelMixin, ConfigMixin):
         word_mixing: int = 0,
     ):
         super().__init__()
-        words = list(vocabulary) if vocabulary is not None else default_shapes_vocabulary()
-        if vocabulary is None:
-            self.register_to_config(vocabulary=words)
+        if not vocabulary:
+            raise UserError(
+                "a word-level text encoder needs its vocabulary (the words prompts may use); for the Shapes world "
+                "pass vocabulary=vgen.data.PROMPT_VOCABULARY"
+            )
+        words = list(vocabulary)
         self.itos = [PAD_TOKEN, NULL_TOKEN, *words]
         self.stoi = {w: i for i, w in enumerate(self.itos)}
         # Words and positions start at the same scale (std 0.02 each). With the embedding layer's default N(0, 1)

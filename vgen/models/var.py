@@ -330,7 +330,10 @@ class VAR(ModelMixin, ConfigMixin, ConditionedModel):
         return self.lvl_embed(self.lvl_1L) + self.pos_1LC
 
     def get_logits(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
-        return self.head(self.head_nm(x_BLC.float(), cond_BD).float()).float()
+        """Logits (B, L, V) in float32: the head's input and weights are taken in float32 whatever the model's
+        dtype (half-precision models keep full-precision logits for sampling)."""
+        h_BLC = self.head_nm(x_BLC, cond_BD)
+        return F.linear(h_BLC.float(), self.head.weight.float(), self.head.bias.float())
 
     def _run_blocks(self, x_BLC, cond: VARCondition, attn_bias, cache=None) -> torch.Tensor:
         cond_BD_or_gss = self.shared_ada_lin(cond.cond_BD)
@@ -373,7 +376,7 @@ class VAR(ModelMixin, ConfigMixin, ConditionedModel):
             drop_B = torch.rand(B, device=cond.cond_BD.device) < self.config.cond_drop_rate
             cond = self.drop_condition(cond, drop_B)
         sos_BlC = cond.cond_BD.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, self.first_l, -1)
-        x_BLC = torch.cat((sos_BlC, self.word_embed(x_BLCv_wo_first_l.float())), dim=1)
+        x_BLC = torch.cat((sos_BlC, self.word_embed(x_BLCv_wo_first_l.to(self.word_embed.weight.dtype))), dim=1)
         x_BLC = x_BLC + self.lvl_pos_1LC()[:, :L]
         x_BLC = self._run_blocks(x_BLC, cond, self.attn_bias_for_masking[:, :, :L, :L])
         return self.get_logits(x_BLC, cond.cond_BD)

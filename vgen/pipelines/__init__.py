@@ -1,5 +1,6 @@
-"""End-to-end pipelines (``diffusers.DiffusionPipeline`` subclasses), e.g. :class:`vgen.pipelines.var.VARPipeline`,
-and the packaged default model."""
+"""End-to-end pipelines (``diffusers.DiffusionPipeline`` subclasses, one module per family, e.g.
+:class:`vgen.pipelines.var.VARPipeline`), the registry that maps a saved folder to its class
+(:mod:`vgen.pipelines.registry`), the shared loader, and the packaged default model."""
 
 from __future__ import annotations
 
@@ -29,25 +30,52 @@ def resolve_model_dir(model: str | Path | None) -> Path:
     return Path(model) if model is not None else default_model_dir()
 
 
+def register_with_diffusers() -> None:
+    """Import every registered pipeline class, which makes ``diffusers.DiffusionPipeline.from_pretrained(folder)``
+    load any saved vgen pipeline (importing one family's module, e.g. ``vgen.pipelines.var``, registers that family
+    alone)."""
+    from vgen.pipelines.registry import PIPELINES, load_pipeline_class
+
+    for name in PIPELINES:
+        load_pipeline_class(name)
+
+
+def pipeline_class_name(model_dir: Path) -> str:
+    """``_class_name`` of a saved pipeline folder's ``model_index.json``, or a :class:`UserError` saying what is
+    wrong with the folder."""
+    import json
+
+    if not model_dir.is_dir():
+        raise UserError(f"model folder not found: {model_dir} (pass a pipeline folder saved by vgen)")
+    index = model_dir / "model_index.json"
+    if not index.is_file():
+        raise UserError(f"{model_dir} is not a saved pipeline (no model_index.json); give a folder saved by vgen")
+    try:
+        config = json.loads(index.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{index} is not valid JSON ({err}); save the pipeline again") from None
+    if not isinstance(config, dict) or not isinstance(config.get("_class_name"), str):
+        raise UserError(f"{index} does not name a pipeline class (_class_name); save the pipeline again")
+    return config["_class_name"]
+
+
 def load_pipeline(model: str | Path | None = None, device=None):
-    """Load a saved VAR pipeline folder (``model_index.json``), or the shipped default when ``model`` is None, onto
-    ``device`` (default: CUDA if available, else CPU). Returns ``(pipeline, model_dir)``. The one loader the CLI
-    commands share: it turns a wrong folder into a :class:`UserError` and keeps diffusers' load chatter off stderr."""
+    """Load a saved pipeline folder of any registered family (``model_index.json``'s ``_class_name``, see
+    :mod:`vgen.pipelines.registry`), or the shipped default when ``model`` is None, onto ``device`` (default: CUDA
+    if available, else CPU). Returns ``(pipeline, model_dir)``. The one loader the CLI commands share: it turns a
+    wrong folder into a :class:`UserError` and keeps diffusers' load chatter off stderr."""
     import torch
     from diffusers.utils import logging as diffusers_logging
 
-    from vgen.pipelines.var import VARPipeline
+    from vgen.pipelines.registry import load_pipeline_class
 
     model_dir = resolve_model_dir(model)
-    if not model_dir.is_dir():
-        raise UserError(f"model folder not found: {model_dir} (pass a pipeline folder saved by vgen)")
-    if not (model_dir / "model_index.json").is_file():
-        raise UserError(f"{model_dir} is not a saved pipeline (no model_index.json); give a folder saved by vgen")
+    pipeline_class = load_pipeline_class(pipeline_class_name(model_dir))
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     try:
-        pipe = VARPipeline.from_pretrained(str(model_dir))
+        pipe = pipeline_class.from_pretrained(str(model_dir))
     finally:
         diffusers_logging.set_verbosity(verbosity)
         diffusers_logging.enable_progress_bar()

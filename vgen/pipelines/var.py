@@ -5,8 +5,9 @@
     images = pipe(class_labels=[207, 360], guidance_scale=1.5, top_k=900, top_p=0.96,
                   generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images
 
-Text-conditional models take ``prompt=...`` instead of ``class_labels``. Load with ``VARPipeline.from_pretrained``
-(diffusers' generic ``DiffusionPipeline.from_pretrained`` cannot find vgen's classes). The generation loop is
+Text-conditional models take ``prompt=...`` instead of ``class_labels``. Once this module is imported, diffusers'
+generic ``diffusers.DiffusionPipeline.from_pretrained(folder)`` loads saved VAR folders too (see
+:meth:`vgen.pipelines.base.VGenPipeline.__init_subclass__`). The generation loop is
 :func:`vgen.samplers.next_scale.generate_next_scale`; every argument here maps onto it.
 """
 
@@ -14,41 +15,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput
 
 # The component modules are imported here, not only where they are used: diffusers loads a saved component only from
 # a module that is already imported, so `VARPipeline.from_pretrained(dir)` must work in a fresh process.
 import vgen.models.text_encoder  # noqa: F401
 import vgen.tokenizers.msvq  # noqa: F401
 from vgen.errors import UserError
-from vgen.models.var import VAR, VARCondition
+from vgen.models.var import VAR
+from vgen.pipelines.base import VGenPipeline, options_of
+from vgen.pipelines.registry import SamplingOption
 from vgen.samplers.guidance import RAMP, GuidanceSchedule, check_profile, schedule_from_profile
 from vgen.samplers.next_scale import TokenSampling, generate_next_scale
 
 
-def per_sample_generators(
-    generator: torch.Generator | Sequence[torch.Generator] | None, batch_size: int
-) -> list[torch.Generator] | None:
-    """One generator per image. A list must have ``batch_size`` entries; a single generator seeds one fresh
-    generator per image (so the images depend on its seed, not on how the batch is later split); None keeps the
-    global RNG."""
-    if generator is None:
-        return None
-    if isinstance(generator, torch.Generator):
-        seeds = torch.randint(0, 2**62, (batch_size,), generator=generator, device=generator.device).tolist()
-        return [torch.Generator(generator.device).manual_seed(s) for s in seeds]
-    generators = list(generator)
-    if len(generators) != batch_size:
-        raise UserError(
-            f"got {len(generators)} generators for {batch_size} images; pass one per image "
-            "(prompts x num_images_per_prompt) or a single generator"
-        )
-    return generators
-
-
-class VARPipeline(DiffusionPipeline):
+class VARPipeline(VGenPipeline):
     """Components: ``vqvae`` (:class:`vgen.tokenizers.msvq.MultiScaleVQModel`), ``transformer``
     (:class:`vgen.models.var.VAR`) and, for text models, ``text_encoder`` (e.g.
     :class:`vgen.models.text_encoder.ShapesTextEncoder`; anything implementing
@@ -56,6 +37,7 @@ class VARPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->transformer->vqvae"
     _optional_components = ["text_encoder"]
+    sampling_options = options_of("VARPipeline")
 
     def __init__(
         self, vqvae, transformer: VAR, text_encoder=None, default_guidance_scale: float = 1.5,
@@ -66,11 +48,14 @@ class VARPipeline(DiffusionPipeline):
         self.register_modules(vqvae=vqvae, transformer=transformer, text_encoder=text_encoder)
         # The model's own sampling settings (saved in model_index.json): what a call uses for knobs left at None.
         # The defaults are official VAR's ImageNet settings; a trained model stores the ones it was measured with.
-        self.register_to_config(
-            default_guidance_scale=float(default_guidance_scale), default_top_k=int(default_top_k),
-            default_top_p=float(default_top_p), default_temperature=float(default_temperature),
-            default_guidance_profile=self.check_guidance_profile(default_guidance_profile),
+        self.register_sampling_defaults(
+            guidance_scale=default_guidance_scale, top_k=default_top_k, top_p=default_top_p,
+            temperature=default_temperature, guidance_profile=default_guidance_profile,
         )
+
+    def check_option(self, option: SamplingOption, value):
+        value = super().check_option(option, value)
+        return self.check_guidance_profile(value) if option.name == "guidance_profile" else value
 
     def check_guidance_profile(self, profile: str | Sequence[float]) -> str | list[float]:
         """``profile`` as saved (``"ramp"`` or one float per scale), or a :class:`UserError` saying what is wrong."""
@@ -79,73 +64,6 @@ class VARPipeline(DiffusionPipeline):
             return check_profile(profile, len(patch_nums))
         except ValueError as err:
             raise UserError(f"{err} (this model generates {len(patch_nums)} scales: {patch_nums})") from None
-
-    def sampling_defaults(self) -> dict:
-        """Keys ``guidance_scale, top_k, top_p, temperature, guidance_profile``: what a call uses for knobs it leaves
-        at None."""
-        names = ("guidance_scale", "top_k", "top_p", "temperature", "guidance_profile")
-        return {name: self.config[f"default_{name}"] for name in names}
-
-    def resolve_sampling(
-        self, guidance_scale: float | None = None, top_k: int | None = None, top_p: float | None = None,
-        temperature: float | None = None, guidance_profile: str | Sequence[float] | None = None,
-    ) -> dict:
-        """The sampling settings a call uses: the given ones, the model's saved ones for those left at None."""
-        given = {"guidance_scale": guidance_scale, "top_k": top_k, "top_p": top_p, "temperature": temperature,
-                 "guidance_profile": guidance_profile}
-        defaults = self.sampling_defaults()
-        resolved = {name: defaults[name] if value is None else value for name, value in given.items()}
-        resolved["guidance_profile"] = self.check_guidance_profile(resolved["guidance_profile"])
-        return resolved
-
-    # -- conditions ----------------------------------------------------------------------------------------------
-
-    @property
-    def is_text_conditional(self) -> bool:
-        return self.transformer.config.conditioning == "text"
-
-    def _device(self) -> torch.device:
-        return self.transformer.pos_1LC.device
-
-    def encode_condition(
-        self, prompt: str | Sequence[str] | None, class_labels: int | Sequence[int] | torch.Tensor | None,
-        num_images_per_prompt: int,
-    ) -> tuple[VARCondition, list[str]]:
-        """The transformer's condition for every image and a caption per image (prompt or ``class N``)."""
-        if num_images_per_prompt < 1:
-            raise UserError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-        transformer = self.transformer
-        if self.is_text_conditional:
-            if class_labels is not None:
-                raise UserError("this model is text-conditional: pass a prompt, not class labels")
-            if prompt is None:
-                raise UserError("this model is text-conditional: pass a prompt (e.g. 'a photo of a red circle')")
-            if self.text_encoder is None:
-                raise UserError("this text-conditional pipeline has no text_encoder component; pass text_encoder=")
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            if not prompts:
-                raise UserError("prompt list is empty")
-            prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-            ids_BT, mask_BT = self.text_encoder.tokenize(prompts)
-            pooled_BD, tokens_BTD = self.text_encoder(ids_BT.to(self._device()), mask_BT.to(self._device()))
-            return transformer.text_condition(pooled_BD, tokens_BTD, mask_BT.to(self._device())), prompts
-        num_classes = transformer.config.num_classes
-        if prompt is not None:
-            raise UserError(
-                f"this model is class-conditional ({num_classes} classes): pass class labels, not a prompt"
-            )
-        if class_labels is None:
-            raise UserError(f"this model is class-conditional: pass class_labels (0..{num_classes - 1})")
-        labels = torch.as_tensor(class_labels).reshape(-1).tolist()
-        bad = [lab for lab in labels if not 0 <= int(lab) < num_classes]
-        if bad or not labels:
-            raise UserError(
-                f"class label(s) {', '.join(map(str, bad)) or '(none)'} out of range: this model has "
-                f"{num_classes} classes, labels 0..{num_classes - 1}"
-            )
-        labels = [int(lab) for lab in labels for _ in range(num_images_per_prompt)]
-        label_B = torch.tensor(labels, device=self._device())
-        return transformer.class_condition(label_B), [f"class {lab}" for lab in labels]
 
     # -- generation ----------------------------------------------------------------------------------------------
 
@@ -185,35 +103,22 @@ class VARPipeline(DiffusionPipeline):
             output_type: ``"pil"``, ``"np"`` (B, H, W, 3) floats in [0, 1] or ``"pt"`` (B, 3, H, W) in [0, 1].
             return_dict: return :class:`ImagePipelineOutput` (else a tuple ``(images,)``).
         """
-        if output_type not in ("pil", "np", "pt"):
-            raise UserError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
-        sampling = self.resolve_sampling(guidance_scale, top_k, top_p, temperature, guidance_profile)
-        guidance_scale, top_k, top_p, temperature, guidance_profile = sampling.values()
-        if temperature <= 0:
-            raise UserError(f"temperature must be > 0, got {temperature} (use top_k=1 for greedy sampling)")
-        if top_k < 0 or not 0 <= top_p <= 1:
-            raise UserError(f"top_k must be >= 0 and top_p in [0, 1], got top_k={top_k}, top_p={top_p}")
+        self.check_output_type(output_type)
+        sampling = self.resolve_sampling(guidance_scale=guidance_scale, top_k=top_k, top_p=top_p,
+                                         temperature=temperature, guidance_profile=guidance_profile)
         cond, _captions = self.encode_condition(prompt, class_labels, num_images_per_prompt)
-        batch_size = cond.cond_BD.shape[0]
-        generators = per_sample_generators(generator, batch_size)
+        batch_size = cond.batch_size
         out = generate_next_scale(
             self.transformer,
             self.vqvae.quantize,
             cond,
             batch_size,
-            guidance_scale=guidance_scale,
-            guidance_schedule=guidance_schedule or schedule_from_profile(guidance_profile),
-            sampling=TokenSampling(top_k=top_k, top_p=top_p, temperature=temperature, more_smooth=more_smooth),
-            generators=generators,
+            guidance_scale=sampling["guidance_scale"],
+            guidance_schedule=guidance_schedule or schedule_from_profile(sampling["guidance_profile"]),
+            sampling=TokenSampling(top_k=sampling["top_k"], top_p=sampling["top_p"],
+                                   temperature=sampling["temperature"], more_smooth=more_smooth),
+            generators=self.generators_for(generator, batch_size),
             progress=self.progress_bar,
         )
-        images = self.vqvae.fhat_to_img(out.f_hat.to(self.vqvae.dtype)).float().add(1).mul(0.5).clamp(0, 1)
-        if output_type == "pt":
-            result = images.cpu()
-        else:
-            result = images.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)
-            if output_type == "pil":
-                result = self.numpy_to_pil(result)
-        if not return_dict:
-            return (result,)
-        return ImagePipelineOutput(images=result)
+        images = self.vqvae.fhat_to_img(out.f_hat.to(self.vqvae.dtype)).float().add(1).mul(0.5)
+        return self.images_output(images, output_type, return_dict)

@@ -48,7 +48,7 @@ from vgen.train.checkpoint import (
     save_checkpoint,
     step_filename,
 )
-from vgen.train.distributed import (
+from vgen.distributed import (
     DistContext,
     barrier,
     gather_objects,
