@@ -117,6 +117,16 @@ VAR_OPTIONS = (
                    saved=False, flag=True),
 )
 
+#: the knobs of FlowAR's flow sampling (Euler ODE per scale, CFG ramp over the scales with a flow-time interval)
+FLOWAR_OPTIONS = (
+    SamplingOption("guidance_scale", finite_float, 2.4,
+                   "classifier-free guidance weight at the last scale (FlowAR's ramp from 1 at the first; 1 = off)"),
+    SamplingOption("guidance_interval", probability, 0.9,
+                   "guidance only at flow times t <= this value (t = 1 is noise; official 0.9, FlowAR-H 0.7)"),
+    SamplingOption("num_steps", positive_int, 25,
+                   "flow steps per scale on FlowAR's grid (25: 24 non-uniform Euler steps; 50: uniform)"),
+)
+
 
 @dataclass(frozen=True)
 class PipelineEntry:
@@ -129,6 +139,7 @@ class PipelineEntry:
 
 PIPELINES: dict[str, PipelineEntry] = {
     "VARPipeline": PipelineEntry("vgen.pipelines.var:VARPipeline", "VAR", VAR_OPTIONS),
+    "FlowARPipeline": PipelineEntry("vgen.pipelines.flowar:FlowARPipeline", "FlowAR", FLOWAR_OPTIONS),
 }
 
 

@@ -28,6 +28,7 @@ from vgen.errors import UserError
 TASKS: dict[str, str] = {
     "tokenizer": "vgen.train.tokenizer_task:TokenizerTask",
     "var": "vgen.train.var_task:VARTask",
+    "flowar": "vgen.train.flowar_task:FlowARTask",
     "shapes-features": "vgen.train.shapes_features_task:ShapesFeaturesTask",
 }
 
