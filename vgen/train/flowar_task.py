@@ -150,7 +150,8 @@ class FlowARTask(TrainTask):
         self.vae = load_autoencoder(cfg.autoencoder)
         self.latent_side = self.vae.latent_size(cfg.resolution)[0]
         self._dataset = None
-        self.transformer_kwargs()  # configuration errors before the run starts
+        with torch.device("meta"):  # configuration errors before the run starts (nothing allocated)
+            FlowAR(**self.transformer_kwargs())
 
     # -- pieces ----------------------------------------------------------------------------------------------
 
