@@ -96,6 +96,24 @@ def test_class_conditional_loss_and_latents_in_fp32(autoencoder_dir):
     assert latents.dtype == torch.float32 and latents.shape == (2, 4, 8, 8)
 
 
+def test_folder_world_with_captions(autoencoder_dir, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    lines = []
+    for i, (colour, caption) in enumerate([((255, 0, 0), "a red card"), ((0, 0, 255), "a blue card")] * 2):
+        Image.new("RGB", (40, 36), colour).save(folder / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": caption}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    task = FlowARTask(tiny_cfg(autoencoder_dir, world="folder", data_path=str(folder)))
+    model = task.build_model()
+    assert {"a", "red", "blue", "card"} <= set(model.text_encoder.vocabulary)
+    batch = torch.utils.data.default_collate([task.build_dataset()[i] for i in range(4)])
+    loss, _ = task.loss(model, batch)
+    assert loss.item() > 0 and batch["image"].shape == (4, 3, 32, 32)
+
+
 def test_bad_settings_give_one_line(autoencoder_dir, tmp_path):
     with pytest.raises(UserError, match="trained KL autoencoder folder"):
         FlowARTask(tiny_cfg("/nonexistent"))
