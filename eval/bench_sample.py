@@ -13,7 +13,9 @@ times; the median wall time gives images/s. In the same process, for each batch 
   process's resident memory during one call (sampled every 2 ms), so small models read close to 0.
 
 The result is one JSON object on stdout: every number a ratio of is measured in this one process, e.g.
-``throughput_ratio`` = images/s at the largest batch over images/s at the smallest.
+``throughput_ratio`` = images/s at the largest batch over images/s at the smallest. With several ``--model``
+folders the timed calls of all models are interleaved, and ``images_per_s_relative_to_first`` compares each model
+with the first at every batch size.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ STEP_METHODS = ("prefill", "logits_for_scale", "decode", "velocity", "commit")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="pipeline folder (default: the model shipped with vgen)")
+    parser.add_argument("--model", nargs="+", default=None, metavar="DIR",
+                        help="pipeline folder(s) (default: the model shipped with vgen); several are timed in one "
+                             "process, their calls interleaved, with images/s relative to the first")
     parser.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes (default 1,16)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per batch size (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before each batch size's timing")
@@ -140,20 +144,12 @@ def peak_memory(device):
         result.update(bytes=peak[0] - base, kind="cpu_resident_growth")
 
 
-def run(args) -> int:
+def _one_model(pipe, model_dir, sizes: list[int], args):
+    """Per-model bench state: its call, counts and memory per batch size (timings are added by :func:`run`)."""
     import torch
 
-    from vgen.errors import UserError
-    from vgen.pipelines import load_pipeline
-
-    sizes = _batch_sizes(args.batch_sizes)
-    if args.repeats < 1 or args.warmup < 0:
-        raise UserError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats}, {args.warmup}")
-    pipe, model_dir = load_pipeline(args.model, args.device)
-    pipe.set_progress_bar_config(disable=True)
     device = pipe._execution_device()
     sampling = pipe.resolve_sampling()
-    transformer = pipe.transformer
 
     def call(batch: int):
         condition = {"prompt": [args.prompt] * batch} if pipe.is_text_conditional else \
@@ -168,23 +164,15 @@ def run(args) -> int:
     for batch in sizes:
         for _ in range(args.warmup):
             call(batch)
-        with counting_steps(transformer) as (calls, rows), peak_memory(device) as memory:
+        with counting_steps(pipe.transformer) as (calls, rows), peak_memory(device) as memory:
             call(batch)
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            call(batch)
-            times.append(time.perf_counter() - start)
-        seconds = statistics.median(times)
         results.append({
             "batch_size": batch,
-            "images_per_s": batch / seconds,
-            "seconds_per_batch": seconds,
-            "seconds_all": times,
             "calls_per_batch": dict(calls),
             "forwards_per_image": {**{k: v / batch for k, v in rows.items()}, "total": sum(rows.values()) / batch},
             "peak_memory_bytes": memory["bytes"],
             "peak_memory_kind": memory["kind"],
+            "seconds_all": [],
         })
     report = {
         "model": str(model_dir),
@@ -192,12 +180,48 @@ def run(args) -> int:
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "sampling": sampling,
-        "parameters": sum(p.numel() for p in transformer.parameters()),
+        "parameters": sum(p.numel() for p in pipe.transformer.parameters()),
         "results": results,
-        "throughput_ratio": results[-1]["images_per_s"] / results[0]["images_per_s"],
-        "throughput_ratio_of": f"B={sizes[-1]} over B={sizes[0]}",
     }
-    text = json.dumps(report, indent=2)
+    return report, call
+
+
+def run(args) -> int:
+    from vgen.errors import UserError
+    from vgen.pipelines import load_pipeline
+
+    sizes = _batch_sizes(args.batch_sizes)
+    if args.repeats < 1 or args.warmup < 0:
+        raise UserError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats}, {args.warmup}")
+    benches = []
+    for model in args.model or [None]:
+        pipe, model_dir = load_pipeline(model, args.device)
+        pipe.set_progress_bar_config(disable=True)
+        benches.append(_one_model(pipe, model_dir, sizes, args))
+    # Timed calls interleaved over models and batch sizes, so slow phases of a shared machine hit all alike.
+    for _ in range(args.repeats):
+        for report, call in benches:
+            for row in report["results"]:
+                start = time.perf_counter()
+                call(row["batch_size"])
+                row["seconds_all"].append(time.perf_counter() - start)
+    reports = []
+    for report, _call in benches:
+        for row in report["results"]:
+            seconds = statistics.median(row["seconds_all"])
+            row.update(images_per_s=row["batch_size"] / seconds, seconds_per_batch=seconds)
+        rows = report["results"]
+        report.update(throughput_ratio=rows[-1]["images_per_s"] / rows[0]["images_per_s"],
+                      throughput_ratio_of=f"B={sizes[-1]} over B={sizes[0]}")
+        reports.append(report)
+    if len(reports) == 1:
+        out = reports[0]
+    else:
+        first = reports[0]["results"]
+        out = {"models": reports, "images_per_s_relative_to_first": [
+            {str(row["batch_size"]): row["images_per_s"] / ref["images_per_s"]
+             for row, ref in zip(report["results"], first)} for report in reports]}
+    text = json.dumps(out, indent=2)
     print(text)
     if args.output:
         from pathlib import Path

@@ -68,3 +68,15 @@ def test_counting_restores_the_model_and_bad_sizes_are_one_line(pipelines, capsy
     assert calls == {"prefill": 1} and "prefill" not in vars(pipe.transformer)
     assert main(["bench", "sample", "--model", str(pipelines / "flowar"), "--batch-sizes", "0,2"]) == 2
     assert "--batch-sizes must be positive integers" in capsys.readouterr().err
+
+
+def test_several_models_in_one_process(pipelines, capsys):
+    assert main(["bench", "sample", "--model", str(pipelines / "var"), str(pipelines / "flowar"), "--batch-sizes",
+                 "1", "--repeats", "2", "--warmup", "0", "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["pipeline"] for r in report["models"]] == ["VARPipeline", "FlowARPipeline"]
+    assert all(len(r["results"][0]["seconds_all"]) == 2 for r in report["models"])
+    ratios = report["images_per_s_relative_to_first"]
+    assert ratios[0] == {"1": 1.0}
+    flowar = report["models"][1]["results"][0]["images_per_s"] / report["models"][0]["results"][0]["images_per_s"]
+    assert ratios[1]["1"] == pytest.approx(flowar)
