@@ -15,17 +15,16 @@ per-image resizer ``fn_resize`` (uint8 ``(H, W, 3)`` -> array ``(h, w, 3)``). Th
   function with clean-fid's contract. It may set ``input_size`` (default 299): mode ``clean`` resizes to it,
   ``legacy_tensorflow`` passes images at their own size (the extractor resizes).
 
-Images come from folders (clean-fid's ``get_folder_features``) or uint8 arrays ``(N, H, W, 3)`` (``.npz`` files in
-the ADM evaluator format, rendered worlds); both paths convert images to tensors exactly as clean-fid does.
+Images come from folders (clean-fid's file list and order) or uint8 arrays ``(N, H, W, 3)`` (``.npz`` files in the ADM
+evaluator format, rendered worlds); both paths convert images to tensors exactly as clean-fid does. Unlike clean-fid,
+a folder's unreadable files are skipped with a warning each and 16-bit grey PNGs are scaled, not clipped to white.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 import platform
-import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,13 +34,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from cleanfid.fid import get_batch_features, get_folder_features
+from cleanfid.fid import get_batch_features
 from cleanfid.inception_torchscript import InceptionV3W
 from cleanfid.resize import build_resizer, make_resizer
 from cleanfid.utils import EXTENSIONS
+from PIL import Image
 from tqdm import tqdm
 
+from vgen.devices import resolve_device
 from vgen.errors import UserError
+from vgen.imaging import to_rgb8
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -60,12 +62,6 @@ class FeatureExtractor:
     fn_resize: Callable[[np.ndarray], np.ndarray]
     device: torch.device
     digest: str = ""  # identifies the weights where it matters (the Shapes net); "" otherwise
-
-
-def default_device(device: str | torch.device | None = None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def cleanfid_inception_location() -> Path:
@@ -140,7 +136,7 @@ def build_extractor(
     """``features``: ``inception`` | ``shapes`` | ``module.path:callable``; ``mode``: ``clean`` | ``legacy_tensorflow``."""
     if mode not in MODES:
         raise UserError(f"unknown --mode {mode!r}; choose one of {', '.join(MODES)}")
-    device = default_device(device)
+    device = resolve_device(device)
     if features == "inception":
         return _inception_extractor(mode, device, inception_path)
     if features == "shapes":
@@ -148,23 +144,30 @@ def build_extractor(
     return _custom_extractor(features, mode, device)
 
 
-class _ArrayImages(torch.utils.data.Dataset):
-    """uint8 images ``(N, H, W, 3)`` -> resized float tensors ``(3, h, w)`` in [0, 255], converted as clean-fid's
+def _resized_tensor(pixels_HW3: np.ndarray, fn_resize: Callable[[np.ndarray], np.ndarray]) -> torch.Tensor:
+    """One uint8 image -> the resized float tensor ``(3, h, w)`` in [0, 255], converted exactly as clean-fid's
     ``ResizeDataset`` does (so folder and array inputs give identical features)."""
+    resized = fn_resize(np.asarray(pixels_HW3))
+    if resized.dtype == np.uint8:
+        return _TO_TENSOR(np.array(resized)) * 255
+    return _TO_TENSOR(resized.astype(np.float32, copy=False))
+
+
+_TO_TENSOR = torchvision.transforms.ToTensor()
+
+
+class _ArrayImages(torch.utils.data.Dataset):
+    """uint8 images ``(N, H, W, 3)`` -> resized float tensors ``(3, h, w)`` in [0, 255]."""
 
     def __init__(self, images_NHW3: np.ndarray, fn_resize: Callable[[np.ndarray], np.ndarray]):
         self.images = images_NHW3
         self.fn_resize = fn_resize
-        self.to_tensor = torchvision.transforms.ToTensor()
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        resized = self.fn_resize(np.asarray(self.images[i]))
-        if resized.dtype == np.uint8:
-            return self.to_tensor(np.array(resized)) * 255
-        return self.to_tensor(resized.astype(np.float32, copy=False))
+        return _resized_tensor(self.images[i], self.fn_resize)
 
 
 def array_features(
@@ -178,8 +181,52 @@ def array_features(
     check_image_array(images_NHW3, "images")
     loader = torch.utils.data.DataLoader(_ArrayImages(images_NHW3, extractor.fn_resize), batch_size=batch_size)
     feats = [get_batch_features(batch, extractor.fn, extractor.device)
-             for batch in tqdm(loader, desc=description, disable=not verbose)]
+             for batch in tqdm(loader, desc=description, disable=None if verbose else True)]
     return np.concatenate(feats).astype(np.float32, copy=False)
+
+
+#: What decoding an image file can raise (a corrupt file, a dangling link, a file that is not an image).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def read_image_file(path: str) -> np.ndarray:
+    """uint8 ``(H, W, 3)`` pixels of an image file (``.npy``: the stored array, as clean-fid reads it); 16-bit grey
+    images are scaled to 8 bits instead of clipping to white (:func:`vgen.imaging.to_rgb8`)."""
+    if path.endswith(".npy"):
+        return np.load(path)
+    with Image.open(path) as image:
+        return np.array(to_rgb8(image))
+
+
+class _FileImages(torch.utils.data.Dataset):
+    """Image files -> ``(path, resized tensor)``, or ``(path, reason)`` for a file that cannot be read."""
+
+    def __init__(self, files: list[str], fn_resize: Callable[[np.ndarray], np.ndarray]):
+        self.files = files
+        self.fn_resize = fn_resize
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[str, torch.Tensor | str]:
+        path = self.files[i]
+        try:
+            return path, _resized_tensor(read_image_file(path), self.fn_resize)
+        except DECODE_ERRORS as err:
+            return path, f"{type(err).__name__}: {err}"
+
+
+def _readable_only(items: list[tuple[str, torch.Tensor | str]]) -> tuple[torch.Tensor | None, list[tuple[str, str]]]:
+    """collate_fn of :class:`_FileImages`: the stacked readable images and ``(path, reason)`` of the others."""
+    tensors = [value for _, value in items if isinstance(value, torch.Tensor)]
+    failed = [(path, value) for path, value in items if isinstance(value, str)]
+    if len({tuple(t.shape) for t in tensors}) > 1:
+        raise _SizesDiffer
+    return (torch.stack(tensors) if tensors else None), failed
+
+
+class _SizesDiffer(Exception):
+    """Images of one batch have different sizes after the mode's resize (legacy_tensorflow keeps their size)."""
 
 
 def folder_images(folder: str | os.PathLike) -> list[str]:
@@ -191,14 +238,13 @@ def folder_images(folder: str | os.PathLike) -> list[str]:
 
 
 def folder_resolution(folder: str | os.PathLike) -> int:
-    """Height in pixels of the first image of ``folder`` (the resolution recorded with its statistics)."""
-    from PIL import Image
-
-    first = folder_images(folder)[0]
-    if first.endswith(".npy"):
-        return int(np.load(first, mmap_mode="r").shape[0])
-    with Image.open(first) as img:
-        return int(img.size[1])
+    """Height in pixels of the first readable image of ``folder`` (the resolution recorded with its statistics)."""
+    for path in folder_images(folder):
+        try:
+            return int(read_image_file(path).shape[0])
+        except DECODE_ERRORS:
+            continue
+    raise UserError(f"none of the image files in {folder} can be read")
 
 
 def folder_features(
@@ -209,31 +255,35 @@ def folder_features(
     limit: int | None = None,
     verbose: bool = True,
 ) -> np.ndarray:
-    """Features ``(N, F)`` of the images in ``folder`` through clean-fid's ``get_folder_features``."""
+    """Features ``(N, F)`` of the first ``limit`` (default all) readable images of ``folder``, in clean-fid's file
+    order and with clean-fid's conversion. Unreadable files (corrupt, dangling links) are skipped with one warning
+    each and a count at the end, as the folder data world does."""
     folder = str(folder)
     if not os.path.isdir(folder):
         raise UserError(f"image folder not found: {folder}")
-    folder_images(folder)  # raises a clear error for an empty folder
+    files = folder_images(folder)
+    loader = torch.utils.data.DataLoader(_FileImages(files, extractor.fn_resize), batch_size=batch_size,
+                                         num_workers=num_workers, collate_fn=_readable_only)
+    feats, skipped, wanted = [], 0, limit if limit is not None else len(files)
+    have = 0
     try:
-        # clean-fid prints "Found N images ..." on stdout, which belongs to the JSON report: send it to stderr
-        with contextlib.redirect_stdout(sys.stderr):
-            feats = get_folder_features(
-                folder,
-                model=extractor.fn,
-                num_workers=num_workers,
-                num=limit,
-                batch_size=batch_size,
-                device=extractor.device,
-                mode=extractor.mode,
-                custom_fn_resize=extractor.fn_resize,
-                description=f"features {Path(folder).name}",
-                verbose=verbose,
-            )
-    except RuntimeError as err:
-        if "stack expects each tensor to be equal size" in str(err):
-            raise UserError(f"images in {folder} differ in size; mode {extractor.mode} needs equal sizes") from err
-        raise
-    return feats.astype(np.float32, copy=False)
+        for batch, failed in tqdm(loader, desc=f"features {Path(folder).name}",
+                                  disable=None if verbose else True):
+            for path, reason in failed:
+                warnings.warn(f"skipping unreadable image {path} ({reason})", stacklevel=2)
+            skipped += len(failed)
+            if batch is not None:
+                feats.append(get_batch_features(batch, extractor.fn, extractor.device)[: wanted - have])
+                have += len(feats[-1])
+            if have >= wanted:
+                break
+    except _SizesDiffer:
+        raise UserError(f"images in {folder} differ in size; mode {extractor.mode} needs equal sizes") from None
+    if skipped:
+        warnings.warn(f"skipped {skipped} unreadable of {len(files)} image files in {folder}", stacklevel=2)
+    if not feats:
+        raise UserError(f"none of the {len(files)} image files in {folder} can be read")
+    return np.concatenate(feats).astype(np.float32, copy=False)
 
 
 def check_image_array(images: np.ndarray, what: str) -> None:

@@ -17,12 +17,14 @@ mode and Shapes features give numbers to compare with each other only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
 import os
 import re
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +32,10 @@ import numpy as np
 from scipy import linalg
 
 from vgen.errors import UserError
+from vgen.memory import check_fits_in_memory
+
+#: Bytes of one image's features as stored (float32, up to Inception's 2048): for memory checks before rendering.
+FEATURE_BYTES = 4 * 2048
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
@@ -112,7 +118,7 @@ class FIDStats:
     @classmethod
     def load(cls, path: str | os.PathLike) -> FIDStats:
         """Read a vgen stats file, or an ADM-evaluator reference (``mu``, ``sigma``; TF Inception features)."""
-        with np.load(path, allow_pickle=False) as data:
+        with open_npz(path) as data:
             if "mu" not in data or "sigma" not in data:
                 raise UserError(f"{path} holds no FID statistics (keys mu, sigma); keys: {', '.join(data.files)}")
             if "features" not in data:  # ADM evaluator reference batch
@@ -123,11 +129,30 @@ class FIDStats:
                        data.get("feats"), json.loads(str(data["provenance"])))
 
 
+@contextlib.contextmanager
+def open_npz(path: str | os.PathLike):
+    """``np.load`` of an ``.npz`` without pickles; a file that is not one (random bytes, a truncated archive, object
+    arrays) is a :class:`UserError`."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+        raise UserError(f"{path} is not a readable .npz file ({reason}); give statistics from 'vgen eval fid-ref', an "
+                        "ADM reference batch, or images in arr_0") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise UserError(f"{path} holds a single array, not an .npz archive (expected mu/sigma or arr_0)")
+    with data:
+        try:
+            yield data
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            raise UserError(f"{path} is a damaged .npz file ({type(err).__name__}: {str(err)[:120]})") from None
+
+
 def is_stats_file(path: str | os.PathLike) -> bool:
     """An ``.npz`` with ``mu`` and ``sigma`` (as opposed to images in ``arr_0``)."""
     if not str(path).endswith(".npz") or not os.path.isfile(path):
         return False
-    with np.load(path, allow_pickle=False) as data:
+    with open_npz(path) as data:
         return "mu" in data.files and "sigma" in data.files
 
 
@@ -137,7 +162,7 @@ def load_images_npz(path: str | os.PathLike) -> np.ndarray:
 
     if not os.path.isfile(path):
         raise UserError(f"file not found: {path}")
-    with np.load(path, allow_pickle=False) as data:
+    with open_npz(path) as data:
         if "arr_0" not in data.files:
             raise UserError(f"{path} has no arr_0 (expected images uint8 N,H,W,3 as written by 'vgen sample')")
         images = data["arr_0"]
@@ -166,13 +191,15 @@ def render_world(world: str, n: int, resolution: int, seed: int, verbose: bool =
     """``n`` images ``(n, H, W, 3)`` uint8 of a procedural world (indices 0 .. n-1 under ``seed``)."""
     if world != "shapes":
         raise UserError(f"unknown world {world!r}; available: shapes")
+    check_fits_in_memory(n * (3 * resolution**2 + FEATURE_BYTES), f"{n} rendered {resolution} px images and their "
+                         "features", "give a smaller --n")
     from tqdm import tqdm
 
     from vgen.data.shapes import ShapesWorld
 
     shapes = ShapesWorld(resolution=resolution, seed=seed)
     out = np.empty((n, resolution, resolution, 3), dtype=np.uint8)
-    for i in tqdm(range(n), desc=f"render {world} {resolution}px", disable=not verbose):
+    for i in tqdm(range(n), desc=f"render {world} {resolution}px", disable=None if verbose else True):
         out[i] = np.asarray(shapes.sample(i).image.convert("RGB"))
     return out
 
@@ -287,6 +314,8 @@ def compute_fid_report(
     """
     from vgen.eval.features import build_extractor
 
+    if limit is not None and limit < 2:
+        raise UserError(f"--n must be at least 2 (FID needs two images), got {limit}")
     if not os.path.exists(samples):
         raise UserError(f"--samples not found: {samples}")
     if not os.path.exists(ref):

@@ -49,9 +49,12 @@ composites each detection's mask over a ``#999`` grey image, crops the box, and 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import math
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +64,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from vgen.data.shapes_language import geneval_relation_components
-from vgen.errors import UserError
+from vgen.errors import UserError, excerpt
 
 # The ten colour names of GenEval, in the official order (ties in a classifier's argmax resolve to the first).
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
@@ -114,7 +117,7 @@ class ColorClassifier(Protocol):
 
 @dataclass(frozen=True)
 class GenEvalConfig:
-    """The official evaluator's ``--options`` with their defaults."""
+    """The official evaluator's ``--options`` with their defaults (``vgen eval geneval --threshold`` ...)."""
 
     threshold: float = 0.3
     counting_threshold: float = 0.9
@@ -122,12 +125,24 @@ class GenEvalConfig:
     max_overlap: float = 1.0  # per-class NMS IoU; 1.0 keeps every box
     position_threshold: float = 0.1
 
+    def __post_init__(self):
+        for name in ("threshold", "counting_threshold", "max_overlap"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= 1):
+                raise UserError(f"{name} must be a number from 0 to 1, got {value!r}")
+        if not (isinstance(self.max_objects, int) and self.max_objects >= 1):
+            raise UserError(f"max_objects must be an integer >= 1, got {self.max_objects!r}")
+        if not (isinstance(self.position_threshold, (int, float)) and math.isfinite(self.position_threshold)
+                and self.position_threshold >= 0):
+            raise UserError(f"position_threshold must be a finite number >= 0, got {self.position_threshold!r}")
+
 
 # ----------------------------------------------------------------------------------------------- detection filtering
 
 
 def box_iou(box_a: Sequence[float], box_b: Sequence[float]) -> float:
-    """IoU with the official inclusive-pixel convention (width = x1 - x0 + 1)."""
+    """IoU with the official inclusive-pixel convention (width = x1 - x0 + 1), in the boxes' own arithmetic (float32
+    when they are the detector's float32 rows, as in the official code)."""
 
     def area(box):
         return max(box[2] - box[0] + 1, 0) * max(box[3] - box[1] + 1, 0)
@@ -140,24 +155,29 @@ def box_iou(box_a: Sequence[float], box_b: Sequence[float]) -> float:
 def group_detections(
     detections: Iterable[Detection], tag: str, config: GenEvalConfig = GenEvalConfig()
 ) -> dict[str, list[Detection]]:
-    """Keep detections with score > threshold (counting_threshold for tag "counting"), most confident first, at most
-    ``max_objects`` per class, then greedy NMS if ``max_overlap < 1``. Returns {class name: [Detection, ...]}; classes
-    with no surviving detection are absent. Ties in score keep the detector's order."""
+    """The official detection filter, step for step: per class, order the detections by ``np.argsort`` of their
+    float32 scores reversed (so tied scores come in the official order, not the detector's), keep those with score >
+    threshold (``counting_threshold`` for tag "counting"; compared in float32, so a float32 0.3 is dropped at 0.3),
+    at most ``max_objects``, then greedy NMS in float32 if ``max_overlap < 1``. Returns {class name: [Detection,
+    ...]}, most confident first; classes with no surviving detection are absent."""
     threshold = config.counting_threshold if tag == "counting" else config.threshold
     by_class: dict[str, list[Detection]] = {}
     for det in detections:
-        if det.score > threshold:
-            by_class.setdefault(det.label, []).append(det)
+        by_class.setdefault(det.label, []).append(det)
     grouped = {}
     for name, dets in by_class.items():
-        ordered = sorted(dets, key=lambda d: -d.score)[: config.max_objects]
+        scores = np.array([det.score for det in dets], dtype=np.float32)
+        boxes = np.array([list(det.box[:4]) for det in dets], dtype=np.float32)
+        ordering = np.argsort(scores)[::-1]
+        ordering = ordering[scores[ordering] > threshold][: config.max_objects].tolist()
         kept: list[Detection] = []
-        while ordered:
-            best = ordered.pop(0)
-            kept.append(best)
-            if config.max_overlap < 1:
-                ordered = [d for d in ordered if box_iou(best.box, d.box) < config.max_overlap]
-        grouped[name] = kept
+        while ordering:
+            best = ordering.pop(0)
+            kept.append(dets[best])
+            ordering = [i for i in ordering
+                        if config.max_overlap == 1 or box_iou(boxes[best], boxes[i]) < config.max_overlap]
+        if kept:
+            grouped[name] = kept
     return grouped
 
 
@@ -166,9 +186,10 @@ def group_detections(
 
 def relative_position(box_a: Sequence[float], box_b: Sequence[float], position_threshold: float = 0.1) -> set[str]:
     """Relations of A relative to B from box centres, discounting ``position_threshold`` of the summed box sizes
-    (GenEval's rule, :func:`vgen.data.shapes_language.geneval_relation_components`): "left of" if dx < -0.5,
-    "right of" if dx > 0.5, "above" if dy < -0.5, "below" if dy > 0.5; empty when the boxes are too close."""
-    dx, dy = geneval_relation_components(box_a, box_b, position_threshold)
+    (GenEval's rule, :func:`vgen.data.shapes_language.geneval_relation_components`, in float32 as the official code
+    computes it): "left of" if dx < -0.5, "right of" if dx > 0.5, "above" if dy < -0.5, "below" if dy > 0.5; empty
+    when the boxes are too close."""
+    dx, dy = geneval_relation_components(box_a, box_b, position_threshold, dtype=np.float32)
     relations = set()
     if dx < -0.5:
         relations.add("left of")
@@ -222,7 +243,8 @@ def check_metadata(
                 if colors.count(req["color"]) < count:
                     matched = False
                     seen = ", ".join(f"{colors.count(c)} {c}" for c in COLORS if c in colors)
-                    reasons.append(f"expected {req['color']} {name}>={count}, found {seen}")
+                    reasons.append(f"expected {req['color']} {name}>={count}, found {colors.count(req['color'])} "
+                                   f"{req['color']}; and {seen}")
             if "position" in req and matched:
                 relation, target = req["position"]
                 targets = matched_groups[target]
@@ -258,6 +280,9 @@ def validate_metadata(entries: list[dict], source: str = "metadata") -> list[dic
         where = f"{source} line {line}"
         if not isinstance(entry, dict) or not isinstance(entry.get("include"), list) or "tag" not in entry:
             raise UserError(f"{where}: expected a JSON object with 'tag', 'prompt' and an 'include' list")
+        if entry["tag"] not in TASKS:
+            raise UserError(f"{where}: unknown tag {excerpt(str(entry['tag']), 40)}; GenEval's tasks are "
+                            f"{', '.join(TASKS)}")
         for k, req in enumerate(entry["include"]):
             if not isinstance(req, dict) or "class" not in req or not isinstance(req.get("count"), int):
                 raise UserError(f"{where}: include clause {k} needs 'class' and an integer 'count'")
@@ -275,14 +300,18 @@ def validate_metadata(entries: list[dict], source: str = "metadata") -> list[dic
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The JSON values of a JSON Lines file, one per non-blank line; a :class:`UserError` for text that is not."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; it must hold one JSON object per line") from None
     entries = []
-    with open(path) as fh:
-        for line_no, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    entries.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise UserError(f"{path} line {line_no} is not valid JSON ({err.msg}); fix or remove it") from None
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path} line {line_no} is not valid JSON ({err.msg}); fix or remove it") from None
     return entries
 
 
@@ -334,21 +363,48 @@ def list_geneval_images(
             f"image folder {root} does not exist; give a folder in GenEval layout (00000/samples/0000.png)"
         )
     items = []
+    without_images = []
     folders = sorted(p for p in root.iterdir() if p.is_dir() and p.name.isdigit())
     for folder in [f for f in folders if max_prompts is None or int(f.name) < max_prompts]:
         meta_file = folder / "metadata.jsonl"
         if not meta_file.is_file():
             raise UserError(f"{folder} has no metadata.jsonl; each prompt folder needs its prompt's GenEval line")
-        metadata = validate_metadata(read_jsonl(meta_file)[:1], str(meta_file))[0]
+        entries = read_jsonl(meta_file)
+        if not entries:
+            raise UserError(f"{meta_file} is empty; it needs the prompt's GenEval line (tag, prompt, include)")
+        metadata = validate_metadata(entries[:1], str(meta_file))[0]
         samples = folder / "samples"
         names = (
             sorted(p.name for p in samples.iterdir() if re.fullmatch(r"\d+\.png", p.name)) if samples.is_dir() else []
         )
         names = [n for n in names if max_samples is None or int(n[:-4]) < max_samples]
+        if not names:
+            without_images.append(folder.name)
         items.extend((metadata, samples / name) for name in names)
     if not items:
         raise UserError(f"no images found under {root}: expected 00000/metadata.jsonl and 00000/samples/0000.png ...")
+    if without_images:
+        shown = ", ".join(without_images[:5]) + (" ..." if len(without_images) > 5 else "")
+        warnings.warn(f"{len(without_images)} prompt folder(s) of {root} have no images and are not scored: {shown}",
+                      stacklevel=2)
     return items
+
+
+def check_detector_classes(detector: Detector, metadata: Iterable[dict]) -> None:
+    """Every class the prompts name must be one the detector finds (when it says which, as ``class_names``): a prompt
+    about a class it cannot see would score 0 without a word."""
+    known = getattr(detector, "class_names", None)
+    if known is None:
+        return
+    named = {req["class"] for entry in metadata for req in [*entry.get("include", []), *entry.get("exclude", [])]}
+    unknown = sorted(named - set(known))
+    if unknown:
+        more_unknown, more_known = " ..." if len(unknown) > 8 else "", " ..." if len(known) > 10 else ""
+        raise UserError(
+            f"the prompts name class(es) the detector does not know: {', '.join(map(repr, unknown[:8]))}{more_unknown}"
+            f"; it finds {', '.join(known[:10])}{more_known} (pass --detector for these prompts, e.g. the official "
+            "Mask2Former recipe in vgen.eval.geneval)"
+        )
 
 
 def load_plugin(spec: str, what: str = "detector"):
@@ -428,11 +484,26 @@ def evaluate_images(
     from tqdm.auto import tqdm
 
     items = list_geneval_images(folder, max_prompts, max_samples)
+    check_detector_classes(detector, (metadata for metadata, _ in items))
     results = []
-    for metadata, path in tqdm(items, desc="geneval", unit="img", disable=not progress):
-        with Image.open(path) as image:
+    for metadata, path in tqdm(items, desc="geneval", unit="img", disable=None if progress else True):
+        with open_sample_image(path) as image:
             results.append(evaluate_image(image, metadata, detector, color_classifier, config, str(path)))
     return results
+
+
+@contextlib.contextmanager
+def open_sample_image(path: Path):
+    """An opened, decoded sample image; a :class:`UserError` for a file that is not one."""
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise UserError(f"cannot read the sample image {path} ({type(err).__name__}: {str(err)[:100]}); delete it "
+                        "and make it again (vgen eval geneval --model ... --out resumes and remakes missing images)"
+                        ) from None
+    with image:
+        yield image
 
 
 def summarise(results: Sequence[ImageResult]) -> dict:

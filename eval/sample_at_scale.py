@@ -1,13 +1,15 @@
 """Sampling at scale: many images from a pipeline, sharded over processes, reproducible, resumable.
 
-Every image has a global index and its own seed ``seed + index`` (one ``torch.Generator`` per image), so the set of
-images does not depend on the number of processes or on which ranks drew which batch. Under ``torchrun`` (process
-group from :mod:`vgen.distributed`) rank r draws indices r, r + W, r + 2W, ... ; images already on disk are
-skipped, so an interrupted run resumes where it stopped. Bit-for-bit equality also needs the same intra-op thread
-count (torchrun sets ``OMP_NUM_THREADS=1``; CPU float reductions depend on it, and a flipped rounding moves a pixel
-value by 1) and the same device type. Files are written atomically (temporary name, then rename). After a barrier, rank 0 writes
-``manifest.jsonl`` (index, seed, prompt or class label, file) and optionally ``samples.npz`` (``arr_0``: uint8
-[N, H, W, 3] in index order, the input format of OpenAI's ADM evaluator).
+Every image has a global index and its own seed ``seed + index`` (one ``torch.Generator`` per image), so the random
+numbers of an image do not depend on the number of processes or on which ranks drew which batch. Under ``torchrun``
+(process group from :mod:`vgen.distributed`) rank r draws indices r, r + W, r + 2W, ... ; images already on disk
+are skipped, so an interrupted run resumes where it stopped. The pixels are equal bit for bit only where the
+arithmetic is: the same batch size (``--batch-size 1`` makes every image's batch the same), the same intra-op thread
+count (torchrun sets ``OMP_NUM_THREADS=1``) and the same device type; batched kernels and float reductions round
+differently by shape and thread count, and one flipped token changes the rest of its image. Files are written
+atomically (temporary name, then rename). After a barrier, rank 0 writes ``manifest.jsonl`` (index, seed, prompt or
+class label, file) and optionally ``samples.npz`` (``arr_0``: uint8 [N, H, W, 3] in index order, the input format of
+OpenAI's ADM evaluator).
 
 Two layouts share this code: a flat folder (``000000.png`` ...; :func:`flat_jobs`) and GenEval's per-prompt folders
 (``00000/samples/0000.png``; :func:`geneval_jobs`).
@@ -17,7 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +30,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vgen.atomic_files import remove_leftovers, temporary_path, write_text_atomic
 from vgen.errors import UserError
+from vgen.memory import check_fits_in_memory
 from vgen.distributed import DistContext, barrier, setup_distributed
 
 SETTINGS_FILE = "sample_config.json"
 MANIFEST_FILE = "manifest.jsonl"
 NPZ_FILE = "samples.npz"
+#: Bytes a job description takes in memory (generously): what :func:`flat_jobs` checks a huge ``--n`` against.
+JOB_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,8 @@ def flat_jobs(
         raise UserError("the prompt / class-label list is empty; give at least one")
     if n < 1:
         raise UserError(f"--n must be at least 1 (got {n})")
+    check_fits_in_memory(n * JOB_BYTES, f"a list of {n} images to sample", "give a smaller --n (or sample the set in "
+                         "parts, each into its own --out folder, with --seed shifted by the images before it)")
     out = Path(out)
     jobs = []
     for i in range(n):
@@ -130,7 +140,11 @@ def load_prompts(spec: str) -> list[str]:
                 raise UserError(f"{path} line {line_no} has no 'prompt' (or 'text') string")
             prompts.append(text)
     else:
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"--metadata {path} is not UTF-8 text; give one prompt a line (or a .jsonl)") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"{path} holds no prompts")
     return prompts
@@ -161,11 +175,45 @@ def load_pipeline(model_dir: str | Path, device: torch.device):
     return pipe
 
 
+def check_conditions(pipe, jobs: Sequence[SampleJob]) -> None:
+    """Every distinct prompt / class label of ``jobs`` through the pipeline's condition check (``encode_condition``,
+    when it has one) before the first image is made: a bad prompt is one error, not a failure halfway."""
+    encode = getattr(pipe, "encode_condition", None)
+    if encode is None or not jobs:
+        return
+    if jobs[0].prompt is not None:
+        encode(list(dict.fromkeys(job.prompt for job in jobs)), None, 1)
+    else:
+        encode(None, list(dict.fromkeys(job.class_label for job in jobs)), 1)
+
+
 def _save_atomic(image: Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    tmp = temporary_path(path, ".png")
     image.save(tmp, format="PNG")
     os.replace(tmp, path)
+
+
+def image_is_complete(path: Path) -> bool:
+    """Whether ``path`` is a whole, readable image (a zero-byte or cut-off file left in a folder is not)."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False
+    return True
+
+
+def pending_jobs(jobs: Sequence[SampleJob]) -> tuple[list[SampleJob], int]:
+    """The jobs whose image is missing or unreadable, and how many of those were unreadable files (remade)."""
+    pending, broken = [], 0
+    for job in jobs:
+        if not job.path.exists():
+            pending.append(job)
+        elif not image_is_complete(job.path):
+            pending.append(job)
+            broken += 1
+    return pending, broken
 
 
 def generate_jobs(
@@ -176,13 +224,17 @@ def generate_jobs(
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> int:
-    """Make the images of ``jobs`` whose file does not exist yet, ``batch_size`` at a time, one generator per image
-    seeded with ``job.seed``. Returns the number of images written."""
+    """Make the images of ``jobs`` whose file is missing or unreadable, ``batch_size`` at a time, one generator per
+    image seeded with ``job.seed``. Returns the number of images written. (Progress bars, here and in the other
+    evaluation loops, show on terminals only.)"""
     from tqdm.auto import tqdm
 
-    pending = [job for job in jobs if not job.path.exists()]
+    pending, broken = pending_jobs(jobs)
+    if broken:
+        tqdm.write(f"vgen sample: warning: {broken} image file(s) in the folder are empty or unreadable; making them "
+                   "again", file=sys.stderr)
     kwargs = {k: v for k, v in (pipeline_kwargs or {}).items() if v is not None}
-    with tqdm(total=len(pending), desc="sample", unit="img", disable=not progress) as bar:
+    with tqdm(total=len(pending), desc="sample", unit="img", disable=None if progress else True) as bar:
         for start in range(0, len(pending), batch_size):
             batch = pending[start : start + batch_size]
             generators = [torch.Generator(device=device).manual_seed(job.seed) for job in batch]
@@ -205,7 +257,13 @@ def check_settings(out: Path, settings: dict) -> None:
     """Refuse to resume into ``out`` if it was filled with different settings (the images would not form one set)."""
     path = out / SETTINGS_FILE
     if path.is_file():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            old = None
+        if not isinstance(old, dict):
+            raise UserError(f"{path} is corrupt (not a JSON object), so the settings of the images in {out} are "
+                            "unknown; delete it to resume with the current settings, or use a new --out folder")
         if "guidance_profile" in settings:  # folders from before profiles existed were sampled with VAR's ramp
             old.setdefault("guidance_profile", "ramp")
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
@@ -216,27 +274,37 @@ def check_settings(out: Path, settings: dict) -> None:
 
 def write_manifest(out: Path, jobs: Sequence[SampleJob]) -> Path:
     path = out / MANIFEST_FILE
-    with open(path, "w") as fh:
-        fh.writelines(json.dumps(job.manifest_entry(out)) + "\n" for job in sorted(jobs, key=lambda j: j.index))
+    entries = (json.dumps(job.manifest_entry(out)) + "\n" for job in sorted(jobs, key=lambda j: j.index))
+    write_text_atomic(path, "".join(entries))
     return path
 
 
+def _rgb_pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
 def write_npz(out: Path, jobs: Sequence[SampleJob], progress: bool = True) -> Path:
-    """``out/samples.npz`` with ``arr_0``: uint8 [N, H, W, 3], images in index order."""
+    """``out/samples.npz`` with ``arr_0``: uint8 [N, H, W, 3], images in index order. The array is streamed into the
+    file image by image (the layout ``np.savez`` writes), so its size is bounded by the disk, not by memory."""
     from tqdm.auto import tqdm
 
     ordered = sorted(jobs, key=lambda j: j.index)
-    first = np.asarray(Image.open(ordered[0].path).convert("RGB"))
-    arr = np.empty((len(ordered), *first.shape), dtype=np.uint8)
-    for i, job in enumerate(tqdm(ordered, desc="npz", unit="img", disable=not progress)):
-        with Image.open(job.path) as image:
-            pixels = np.asarray(image.convert("RGB"))
-        if pixels.shape != first.shape:
-            raise UserError(f"{job.path} is {pixels.shape[1]}x{pixels.shape[0]}, others are "
-                            f"{first.shape[1]}x{first.shape[0]}; an .npz needs one resolution")  # fmt: skip
-        arr[i] = pixels
+    first = _rgb_pixels(ordered[0].path)
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": (len(ordered), *first.shape)}
     path = out / NPZ_FILE
-    np.savez(path, arr_0=arr)
+    tmp = temporary_path(path)
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive, \
+            archive.open("arr_0.npy", "w", force_zip64=True) as fh:
+        np.lib.format.write_array_header_1_0(fh, header)
+        for job in tqdm(ordered, desc="npz", unit="img", disable=None if progress else True):
+            pixels = _rgb_pixels(job.path)
+            if pixels.shape != first.shape:
+                raise UserError(f"{job.path} is {pixels.shape[1]}x{pixels.shape[0]}, others are "
+                                f"{first.shape[1]}x{first.shape[0]}; an .npz needs one resolution")  # fmt: skip
+            fh.write(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes())
+    os.replace(tmp, path)
     return path
 
 
@@ -280,16 +348,20 @@ def run_sampling(
     """
     out = Path(out)
     ctx = ctx or setup_distributed()
+    check_conditions(pipe, jobs)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if settings is not None:
             check_settings(out, settings)
-            (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+            write_text_atomic(out / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
+        removed = remove_leftovers(out, recursive=True)
+        if removed:
+            print(f"vgen sample: removed {len(removed)} temporary file(s) left by an interrupted run", file=sys.stderr)
     barrier(ctx)
     mine = list(jobs)[ctx.rank :: ctx.world_size]
-    skipped = sum(job.path.exists() for job in mine)
     start = time.perf_counter()
     written = generate_jobs(pipe, mine, batch_size, pipeline_kwargs, ctx.device, progress and ctx.is_main)
+    skipped = len(mine) - written
     seconds = time.perf_counter() - start
     barrier(ctx)
     report = SampleReport(len(jobs), written, skipped, seconds, ctx.rank, ctx.world_size)

@@ -97,6 +97,9 @@ class ShapesDetector:
     cost per object bounded at high resolutions (block means of coverage are the coverage at the lower resolution).
     """
 
+    #: The classes this detector finds (GenEval checks that the prompts name no other).
+    class_names = SHAPE_NAMES
+
     def __init__(
         self,
         max_residual: float = 40.0,

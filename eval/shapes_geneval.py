@@ -39,7 +39,8 @@ def write_real_folder(
     if len(render_metadata) != len(metadata):
         raise ValueError("render_metadata must have one entry per prompt")
     out = Path(out)
-    for p, (entry, spec) in enumerate(tqdm(list(zip(metadata, render_metadata)), desc="render", disable=not progress)):
+    pairs = list(zip(metadata, render_metadata))
+    for p, (entry, spec) in enumerate(tqdm(pairs, desc="render", disable=None if progress else True)):
         write_prompt_metadata(out, p, entry)
         for k in range(images_per_prompt):
             path = sample_path(out, p, k)

@@ -12,15 +12,23 @@ lets the loop skip the unconditional pass altogether. The same object works on l
   and ``1 + guidance_scale`` at the last. ``guidance_scale`` here is exactly official VAR's ``cfg`` (1.5 in its
   README), and ``guidance_scale = 0`` turns guidance off.
 - :class:`ConstantCFG` is the diffusers convention: ``w_k = guidance_scale`` at every step, ``1`` turns it off.
+- :class:`WeightRampCFG` is the FlowAR / xAR / MAR ramp: ``w_k = 1 + (guidance_scale - 1) * k / (K - 1)``, so the
+  first unit is unguided and the last one gets ``w = guidance_scale`` (official FlowAR's and xAR's ``cfg``; ``1``
+  turns it off).
 - :class:`ProfileCFG` gives each step its own share of the strength: ``t_k = guidance_scale * profile[k]``. VAR's
   ramp is the profile ``k / (K - 1)``; a trained model may store another one (e.g. most guidance on the coarse
   scales, where a next-scale model places objects and gives them colours) as its pipeline's default.
 - :class:`IntervalCFG` wraps a schedule and switches guidance off outside a step interval (LlamaGen's
-  ``cfg_interval``, FlowAR's t-interval).
+  ``cfg_interval``). FlowAR's interval is over flow time inside one unit's integration, not over AR steps: it lives
+  in :mod:`vgen.samplers.flow_cfg`.
+
+Two combination expressions exist because official code evaluates them in different orders (equal in exact
+arithmetic, not bit for bit): :func:`combine_cfg` (VAR) and :func:`combine_cfg_difference` (FlowAR, xAR, LlamaGen).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -52,6 +60,18 @@ class ConstantCFG:
 
 
 @dataclass(frozen=True)
+class WeightRampCFG:
+    """FlowAR / xAR / MAR ramp: ``w_k = (guidance_scale - 1) * k / (num_steps - 1) + 1``, evaluated in the order the
+    official code does, so FlowAR's ``cfg=2.4`` over 5 scales gives exactly ``[1, 1.35, 1.7, 2.05, 2.4]`` and xAR's
+    ``cfg=2.7`` over 4 cells ``[1, 1.5667, 2.1333, 2.7]``. ``num_steps = 1`` gives ``w = guidance_scale``."""
+
+    def weight(self, guidance_scale: float, step: int, num_steps: int) -> float:
+        if num_steps == 1:
+            return float(guidance_scale)
+        return (guidance_scale - 1) * step / (num_steps - 1) + 1
+
+
+@dataclass(frozen=True)
 class ProfileCFG:
     """``w_k = 1 + guidance_scale * profile[k]``: one entry per step, ``guidance_scale`` scales them all.
 
@@ -62,7 +82,7 @@ class ProfileCFG:
 
     def __post_init__(self):
         object.__setattr__(self, "profile", tuple(float(p) for p in self.profile))
-        if not self.profile or any(p < 0 for p in self.profile):
+        if not self.profile or not all(math.isfinite(p) and p >= 0 for p in self.profile):
             raise ValueError(f"a guidance profile needs one entry >= 0 per step, got {list(self.profile)}")
 
     def weight(self, guidance_scale: float, step: int, num_steps: int) -> float:
@@ -107,10 +127,10 @@ def check_profile(profile: str | Sequence[float], num_steps: int) -> str | list[
     if isinstance(profile, str) and profile == RAMP:
         return RAMP
     shares = [] if isinstance(profile, str) else [float(share) for share in profile]
-    if len(shares) != num_steps or any(share < 0 for share in shares):
+    if len(shares) != num_steps or not all(math.isfinite(share) and share >= 0 for share in shares):
         raise ValueError(
-            f"guidance profile {profile!r} does not fit: give {num_steps} shares >= 0, one per generation step, or "
-            f"{RAMP!r} for VAR's ramp"
+            f"guidance profile {profile!r} does not fit: give {num_steps} shares >= 0, one per generation step (finite "
+            f"numbers), or {RAMP!r} for VAR's ramp"
         )
     return shares
 
@@ -123,10 +143,12 @@ def parse_guidance_profile(text: str) -> str | list[float]:
     try:
         shares = [float(part) for part in text.split(",")]
     except ValueError:
+        shares = []
+    if not shares or not all(math.isfinite(share) for share in shares):
         raise ValueError(
-            f"guidance profile {text!r} is neither {RAMP!r} nor comma-separated numbers "
+            f"guidance profile {text[:60]!r} is neither {RAMP!r} nor comma-separated finite numbers "
             "(e.g. 0.5,0.75,1,1,1,0.75,0.75)"
-        ) from None
+        )
     return shares
 
 
@@ -141,6 +163,13 @@ def combine_cfg(cond: torch.Tensor, uncond: torch.Tensor, weight: float) -> torc
         return cond
     t = weight - 1.0
     return (1 + t) * cond - t * uncond
+
+
+def combine_cfg_difference(cond: torch.Tensor, uncond: torch.Tensor, weight: float) -> torch.Tensor:
+    """``uncond + weight * (cond - uncond)`` (the expression official FlowAR, xAR and LlamaGen evaluate)."""
+    if weight == 1.0:
+        return cond
+    return uncond + weight * (cond - uncond)
 
 
 def apply_cfg(

@@ -142,20 +142,42 @@ class NextTokenModel(Protocol):
 @runtime_checkable
 class VelocityModel(Protocol):
     """Continuous-token families (FlowAR scales, xAR cells, block-causal video): per AR unit ``k``, the model
-    builds a condition from the clean units before it (KV cache), then an ODE/SDE integrator queries velocities."""
+    builds a condition from the clean units before it (KV cache), then an ODE/SDE integrator queries velocities.
+    The loop (:func:`vgen.samplers.flow_units.generate_flow_units`) calls::
+
+        state, unit_cond = model.prefill(cond)            # R = B rows, or 2B under CFG (conditional rows first)
+        for k in range(len(model.unit_shapes)):
+            ... integrate x from noise (t = 1) to data (t = 0) with v = model.velocity(k, x_t, t, unit_cond) ...
+            if k + 1 < len(model.unit_shapes):
+                unit_cond = model.commit(k, x_clean, state)
+
+    Conventions (official FlowAR / xAR): ``x_t = (1 - t) x0 + t eps``, velocity ``eps - x0``.
+    """
+
+    @property
+    def unit_shapes(self) -> Sequence[tuple[int, ...]]:
+        """One image's unit k without the batch dimension, for k = 0..K-1: FlowAR ``(s_k^2, C)``, xAR
+        ``(cell tokens, C)``, video ``(frames, C, h, w)``."""
+        ...
+
+    @property
+    def device(self) -> torch.device: ...
 
     def concat_conditions(self, cond: Any, uncond: Any) -> Any: ...
 
     def null_condition(self, batch_size: int) -> Any: ...
 
     def prefill(self, cond: Any) -> tuple[StepState, Any]:
-        """State plus the AR condition for unit 0."""
+        """State (a fresh KV cache) plus the AR condition for unit 0."""
         ...
 
     def velocity(self, k: int, x_t: torch.Tensor, t: torch.Tensor, unit_cond: Any) -> torch.Tensor:
-        """Velocity ``v(x_t, t | unit condition)`` for unit ``k`` (same shape as ``x_t``)."""
+        """Velocity for unit ``k``: ``x_t`` (R, *unit_shapes[k]) float32, ``t`` (R,) float32 (1 = noise); returns
+        ``x_t``'s shape. Leaves the cache unchanged (attends with ``store=False``)."""
         ...
 
     def commit(self, k: int, x_clean: torch.Tensor, state: StepState) -> Any:
-        """Append the finished unit ``k`` to the cache; return the AR condition for unit ``k + 1``."""
+        """Store the finished unit ``k`` (``x_clean`` (R, ...) float32; under CFG the conditional result repeated for
+        both halves) in the cache and commit it (``state.cache.commit()``: the loop never touches the cache);
+        return the AR condition for unit ``k + 1``. Not called after the last unit."""
         ...

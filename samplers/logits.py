@@ -1,11 +1,12 @@
 """Logits processing and sampling for discrete-token generators: temperature, top-k then top-p filtering,
 Gumbel smoothing (VAR's ``more_smooth``) and per-sample seeded sampling.
 
-Seeding rule: every image of a batch draws its randomness from its own ``torch.Generator`` (``generators[b]``), so an
-image does not change when the batch size, the batch order or the number of GPUs changes. Noise is drawn on each
-generator's device and then moved to the logits' device, so CPU generators work with CUDA models (diffusers' advice
-for reproducibility). Sampling itself is inverse-CDF on that per-row uniform noise, which needs no generator on the
-logits' device.
+Seeding rule: every image of a batch draws its randomness from its own ``torch.Generator`` (``generators[b]``), so the
+random numbers of an image do not change when the batch size, the batch order or the number of GPUs changes. (The
+logits they are applied to are batch-independent only up to float rounding: batched kernels may round differently.)
+Noise is drawn on each generator's device and then moved to the logits' device, so CPU generators work with CUDA
+models (diffusers' advice for reproducibility). Sampling itself is inverse-CDF on that per-row uniform noise, which
+needs no generator on the logits' device.
 """
 
 from __future__ import annotations

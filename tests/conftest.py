@@ -54,3 +54,20 @@ def triton_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     if not triton_imported_for_interpreter():
         pytest.skip("triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it first)")
+
+
+@pytest.fixture
+def generator_seeds(monkeypatch) -> list[list[int]]:
+    """Every ``VARPipeline`` call made during the test records the seeds of the generators it was given, one list
+    per call: how tests check that each image keeps its own random stream whatever the batch."""
+    from vgen.pipelines.var import VARPipeline
+
+    calls: list[list[int]] = []
+    real_call = VARPipeline.__call__
+
+    def recording_call(self, *args, **kwargs):
+        calls.append([g.initial_seed() for g in kwargs["generator"]])
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(VARPipeline, "__call__", recording_call)
+    return calls

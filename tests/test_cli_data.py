@@ -64,5 +64,5 @@ def test_preview_folder_and_its_errors(tmp_path, capsys):
     assert main(["data", "preview", "--world", "folder", "--path", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert "image folder not found" in capsys.readouterr().err
     assert main(["data", "preview", "--out", str(tmp_path / "grid.gif")]) == 2
-    assert "--out must end in" in capsys.readouterr().err
+    assert "grid.gif: the file name must end in one of .png" in capsys.readouterr().err
     assert main(["data", "preview", "--world", "moving_shapes", "--tag", "counting", "--out", str(out)]) == 2

@@ -267,3 +267,41 @@ def test_cli_fid_prints_json_and_bad_arguments_exit_2(tmp_path, shapes_sets):
     assert no_weights.returncode == 2
     lines = no_weights.stderr.strip().splitlines()
     assert len(lines) == 1 and INCEPTION_FILE in lines[0] and "Traceback" not in no_weights.stderr
+
+
+def test_folder_features_skip_unreadable_files_and_read_16_bit_png(tmp_path, shapes_sets, shapes_extractor):
+    from vgen.eval.features import folder_features
+
+    images = shapes_sets[0][:6]
+    folder = _write_folder(tmp_path / "imgs", images)
+    clean = folder_features(shapes_extractor, folder, batch_size=4, verbose=False)
+    # a 16-bit grey PNG reads as its 8-bit grey values (clean-fid's own loader makes it white)
+    grey8 = np.asarray(Image.fromarray(images[0]).convert("L"))
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(folder / "x_grey16.png")
+    Image.fromarray(grey8).save(tmp_path / "grey8.png")
+    (folder / "x_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    os.symlink(tmp_path / "gone.png", folder / "x_dangling.png")
+    with pytest.warns(UserWarning) as caught:
+        feats = folder_features(shapes_extractor, folder, batch_size=4, verbose=False)
+    messages = [str(w.message) for w in caught]
+    assert sum("skipping unreadable image" in m for m in messages) == 2
+    assert any("x_corrupt.png" in m for m in messages) and any("x_dangling.png" in m for m in messages)
+    assert messages[-1] == f"skipped 2 unreadable of 9 image files in {folder}"
+    assert feats.shape == (7, 128)
+    (tmp_path / "one").mkdir()
+    os.replace(tmp_path / "grey8.png", tmp_path / "one" / "grey8.png")
+    grey_feats = folder_features(shapes_extractor, tmp_path / "one", verbose=False)
+    np.testing.assert_allclose(feats[:6], clean, atol=1e-5)
+    np.testing.assert_allclose(feats[6], grey_feats[0], atol=1e-5)  # x_grey16.png, the last readable file
+    # --n counts readable images
+    assert folder_features(shapes_extractor, folder, batch_size=2, limit=3, verbose=False).shape == (3, 128)
+
+
+def test_random_bytes_as_reference_is_one_user_error(tmp_path):
+    (tmp_path / "ref.npz").write_bytes(os.urandom(4096))
+    with pytest.raises(UserError, match=r"ref.npz is not a readable .npz file"):
+        compute_fid_report(str(tmp_path / "ref.npz"), str(tmp_path / "ref.npz"), features="shapes", device="cpu")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object))
+    os.replace(tmp_path / "objects.npy", tmp_path / "objects.npz")
+    with pytest.raises(UserError, match=r"objects.npz is not a readable .npz file"):
+        compute_fid_report(str(tmp_path / "objects.npz"), str(tmp_path / "objects.npz"), features="shapes")

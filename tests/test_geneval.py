@@ -287,6 +287,46 @@ def test_bad_metadata_says_what_is_wrong(tmp_path):
         load_metadata(tmp_path / "missing.jsonl")
 
 
+def test_what_used_to_be_scored_without_a_word_is_refused_or_reported(tmp_path):
+    tagged = tmp_path / "tag.jsonl"
+    tagged.write_text(json.dumps({"tag": "texture", "prompt": "x", "include": [{"class": "cat", "count": 1}]}) + "\n")
+    with pytest.raises(UserError, match="unknown tag 'texture'; GenEval's tasks are single_object, two_object"):
+        load_metadata(tagged)
+    write_index_images(tmp_path / "f", [SINGLE, TWO, SINGLE])
+    sample_path(tmp_path / "f", 1, 0).unlink()
+    with pytest.warns(UserWarning, match="1 prompt folder\\(s\\) of .* have no images and are not scored: 00001"):
+        assert len(list_geneval_images(tmp_path / "f")) == 2
+    # a detector that names its classes refuses prompts about other classes (they would score 0)
+    from vgen.eval.shapes_detector import ShapesDetector
+
+    with pytest.raises(UserError, match="does not know: 'cat'; it finds circle, square"), pytest.warns(UserWarning):
+        evaluate_images(tmp_path / "f", ShapesDetector(), progress=False)
+
+
+def test_broken_prompt_folders_are_one_line_each(tmp_path):
+    write_index_images(tmp_path, [SINGLE, TWO])
+    meta = tmp_path / "00001" / "metadata.jsonl"
+    meta.write_text("")
+    with pytest.raises(UserError, match="metadata.jsonl is empty; it needs the prompt's GenEval line"):
+        list_geneval_images(tmp_path)
+    meta.write_bytes(bytes(range(256)))
+    with pytest.raises(UserError, match="metadata.jsonl is not UTF-8 text"):
+        list_geneval_images(tmp_path)
+    write_prompt_metadata(tmp_path, 1, TWO)
+    sample_path(tmp_path, 1, 0).write_bytes(b"\x89PNG\r\n\x1a\ncut off")
+    with pytest.raises(UserError, match="cannot read the sample image .*0000.png .* delete it and make it again"):
+        evaluate_images(tmp_path, OracleDetector([SINGLE, TWO]), progress=False)
+
+
+def test_official_options_change_the_filter():
+    dets = [det("cat", score=0.5)]
+    assert judge(dets, SINGLE)
+    grouped = group_detections(dets, "single_object", GenEvalConfig(threshold=0.6))
+    assert not check_metadata(grouped, SINGLE)[0]
+    with pytest.raises(UserError, match="position_threshold must be a finite number >= 0"):
+        GenEvalConfig(position_threshold=float("nan"))
+
+
 def test_evaluate_image_records_kept_boxes():
     class Fixed:
         def detect(self, image):
@@ -346,7 +386,9 @@ def test_cli_bad_folder_is_one_line_exit_2():
     [
         (["eval", "geneval", "--real", "--metadata", "geneval"], "--detector"),
         (["eval", "geneval", "--images", "x", "--detector", "nomodule_xyz:make"], "cannot import"),
-        (["eval", "geneval", "--real", "--out", "x", "--images-per-prompt", "0"], "at least 1"),
+        (["eval", "geneval", "--real", "--out", "x", "--images-per-prompt", "0"], "integer >= 1, got 0"),
+        (["eval", "geneval", "--real", "--out", "x", "--threshold", "1.5"], "threshold must be a number from 0 to 1"),
+        (["eval", "geneval", "--real", "--out", "x", "--max-objects", "0"], "integer >= 1, got 0"),
         (["eval", "geneval"], "give --out DIR"),
         (["eval", "geneval", "--real", "--images", "x"], "not allowed with"),
     ],

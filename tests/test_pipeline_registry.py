@@ -36,7 +36,8 @@ def test_loader_dispatches_on_class_name(var_folder):
 
 @pytest.mark.parametrize("index, message", [
     ("{not json", "is not valid JSON"),
-    ("[1, 2]", "does not name a pipeline class"),
+    ("[1, 2]", "holds a JSON list, not an object"),
+    ("{\"transformer\": null}", "does not name a pipeline class"),
     ('{"_class_name": "FancyPipeline"}', "'FancyPipeline' pipeline, which this version of vgen does not know"),
 ])
 def test_loader_refuses_bad_model_index(tmp_path, index, message):
@@ -55,7 +56,7 @@ def test_declared_options_drive_the_pipeline(var_folder):
         pipe.resolve_sampling(num_steps=3)
     for bad in ({"guidance_scale": float("nan")}, {"temperature": float("inf")}, {"top_p": 1.5}, {"top_k": -1},
                 {"guidance_profile": [0.5, float("nan"), 1.0]}):
-        with pytest.raises(UserError, match="is not valid"):
+        with pytest.raises(UserError, match="must be"):
             pipe.resolve_sampling(**bad)
     assert pipe.resolve_sampling(top_k=2)["top_k"] == 2
 

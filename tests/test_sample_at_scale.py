@@ -94,7 +94,7 @@ def test_class_label_and_prompt_parsing(tmp_path):
 # ------------------------------------------------------------------------------------------------ one process
 
 
-def test_images_do_not_depend_on_batch_size_and_resume_skips(class_model, tmp_path):
+def test_each_image_keeps_its_seed_whatever_the_batch_and_resume_skips(class_model, tmp_path, generator_seeds):
     pipe = load_pipeline(class_model, torch.device("cpu"))
     assert pipeline_num_classes(pipe) == 10
     ctx = setup_distributed()
@@ -102,26 +102,39 @@ def test_images_do_not_depend_on_batch_size_and_resume_skips(class_model, tmp_pa
     report = run_sampling(pipe, tmp_path / "a", jobs_a, ctx, batch_size=5, pipeline_kwargs=SAMPLING, npz=True,
                           progress=False)  # fmt: skip
     assert (report.written, report.skipped, report.total) == (5, 0, 5)
+    # Batches of 1: image i still uses generator seed 3 + i. (Its pixels equal those of the batch of 5 only where
+    # batched and single-row arithmetic round alike, so they are not compared.)
     jobs_b = flat_jobs(tmp_path / "b", 5, seed=3, class_labels=[0, 1, 2])
-    run_sampling(pipe, tmp_path / "b", jobs_b, ctx, batch_size=2, pipeline_kwargs=SAMPLING, progress=False)
-    images = png_bytes(tmp_path / "a")
-    assert len(images) == 5 and images == png_bytes(tmp_path / "b")
-    assert len(set(images.values())) == 5  # different seeds, different images
+    run_sampling(pipe, tmp_path / "b", jobs_b, ctx, batch_size=1, pipeline_kwargs=SAMPLING, progress=False)
+    assert generator_seeds == [[3, 4, 5, 6, 7], [3], [4], [5], [6], [7]]
+    images = png_bytes(tmp_path / "b")
+    assert len(images) == 5 and len(set(images.values())) == 5  # different seeds, different images
 
     # manifest and npz
     manifest = [json.loads(line) for line in (tmp_path / "a" / "manifest.jsonl").read_text().splitlines()]
     assert manifest[4] == {"index": 4, "seed": 7, "file": "000004.png", "class_label": 1}
+    assert (tmp_path / "a" / "manifest.jsonl").read_text() == (tmp_path / "b" / "manifest.jsonl").read_text()
     arr = np.load(tmp_path / "a" / "samples.npz")["arr_0"]
     assert arr.dtype == np.uint8 and arr.shape == (5, 32, 32, 3)
     np.testing.assert_array_equal(arr[3], np.asarray(Image.open(tmp_path / "a" / "000003.png")))
 
-    # resume: a deleted image is made again (identically), an existing one is left alone
+    # resume: a deleted image is made again (identically: the same seed in the same batch size), an existing one is
+    # left alone
     (tmp_path / "b" / "000002.png").unlink()
     Image.new("RGB", (32, 32)).save(tmp_path / "b" / "000004.png")
-    report = run_sampling(pipe, tmp_path / "b", jobs_b, ctx, batch_size=2, pipeline_kwargs=SAMPLING, progress=False)
+    report = run_sampling(pipe, tmp_path / "b", jobs_b, ctx, batch_size=1, pipeline_kwargs=SAMPLING, progress=False)
     assert (report.written, report.skipped) == (1, 4)
+    assert generator_seeds[-1] == [5]
     resumed = png_bytes(tmp_path / "b")
     assert resumed["000002.png"] == images["000002.png"] and resumed["000004.png"] != images["000004.png"]
+
+    # an empty or cut-off image left in the folder is made again, not trusted
+    (tmp_path / "b" / "000001.png").write_bytes(b"")
+    (tmp_path / "b" / "000003.png").write_bytes(images["000003.png"][:100])
+    report = run_sampling(pipe, tmp_path / "b", jobs_b, ctx, batch_size=1, pipeline_kwargs=SAMPLING, progress=False)
+    assert (report.written, report.skipped) == (2, 3)
+    resumed = png_bytes(tmp_path / "b")
+    assert resumed["000001.png"] == images["000001.png"] and resumed["000003.png"] == images["000003.png"]
 
     # resuming with other settings is refused
     settings = {"seed": 3, **SAMPLING}
@@ -138,14 +151,36 @@ def test_images_do_not_depend_on_batch_size_and_resume_skips(class_model, tmp_pa
         run_sampling(pipe, tmp_path / "c", jobs_c, ctx, 1, SAMPLING, settings={**settings, "guidance_profile": [1.0]})
 
 
+def test_resume_removes_leftovers_of_dead_writers_and_refuses_a_corrupt_settings_file(class_model, tmp_path):
+    pipe = load_pipeline(class_model, torch.device("cpu"))
+    ctx = setup_distributed()
+    out = tmp_path / "s"
+    jobs = flat_jobs(out, 2, seed=0, class_labels=[0])
+    out.mkdir()
+    dead = out / ".000000.png.4194999.tmp.png"  # above Linux's largest pid: no such process
+    alive = out / f".000007.png.{os.getpid()}.tmp.png"  # a writer still running
+    dead.write_bytes(b"half an image")
+    alive.write_bytes(b"being written")
+    settings = {"seed": 0, **SAMPLING}
+    run_sampling(pipe, out, jobs, ctx, 2, SAMPLING, settings=settings, npz=True, progress=False)
+    assert not dead.exists() and alive.exists()
+    assert np.load(out / "samples.npz")["arr_0"].shape == (2, 32, 32, 3)
+    (out / "sample_config.json").write_text('{"seed": 0, "top_k"')
+    before = png_bytes(out)
+    with pytest.raises(UserError, match="sample_config.json is corrupt .* delete it to resume"):
+        run_sampling(pipe, out, jobs, ctx, 2, SAMPLING, settings=settings, progress=False)
+    assert png_bytes(out) == before
+
+
 # ------------------------------------------------------------------------------------------------ two processes
 
 
 def test_torchrun_two_processes_make_the_one_process_images(class_model, tmp_path, capsys):
+    # One image per pipeline call and the torchrun workers' intra-op thread count (OMP_NUM_THREADS=1): every image
+    # then sees the same arithmetic in both runs (CPU kernels and float reductions depend on the batch shape and the
+    # thread count), so the sets are equal bit for bit; the sharding over processes does not matter.
     common = ["--model", str(class_model), "--num-samples", "7", "--class-labels", "all", "--seed", "11", "--top-k", "50",
-              "--batch-size", "2"]  # fmt: skip
-    # Same intra-op thread count as the torchrun workers (OMP_NUM_THREADS=1): CPU float reductions depend on it,
-    # and a rounding flip changes a pixel by 1. Batch composition and process count do not matter.
+              "--batch-size", "1"]  # fmt: skip
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

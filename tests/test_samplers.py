@@ -186,8 +186,11 @@ def test_profile_schedule_shares_the_scale_per_step():
 def test_parse_guidance_profile():
     assert parse_guidance_profile(" ramp ") == "ramp"
     assert parse_guidance_profile("0.5,0.75,1") == [0.5, 0.75, 1.0]
-    with pytest.raises(ValueError, match="neither 'ramp' nor comma-separated numbers"):
-        parse_guidance_profile("0.5;1")
+    for bad in ("0.5;1", "nan,1", "1,inf", ""):
+        with pytest.raises(ValueError, match="neither 'ramp' nor comma-separated finite numbers"):
+            parse_guidance_profile(bad)
+    with pytest.raises(ValueError, match="give 2 shares >= 0"):
+        check_profile([float("nan"), 1.0], 2)
 
 
 def test_check_profile_accepts_the_ramp_or_one_share_per_step():

@@ -96,10 +96,25 @@ def test_round_trip_shapes_and_dtypes():
 
 
 def test_encoding_is_batch_independent():
+    """An image's tokens do not depend on the batch it is encoded in. Batched and single-image convolutions may
+    round differently (by ~1e-6), so the test first checks that no token of this data lies that close to a tie
+    between two codes: then no CPU's rounding can change a token, and the ids must be equal."""
     model = tiny_model()
+    quant = model.quantize
+    real_nearest = quant.nearest_code
+    margins = []
+
+    def nearest_with_margin(z_NC):
+        dist_NV = torch.cdist(z_NC.double(), quant.embedding.weight.double()).square()
+        two_best = dist_NV.topk(2, dim=1, largest=False).values
+        margins.append(((two_best[:, 1] - two_best[:, 0]) / two_best[:, 1].clamp_min(1e-12)).min().item())
+        return real_nearest(z_NC)
+
+    quant.nearest_code = nearest_with_margin
     img = images(4)
     full = model.img_to_idxBl(img)
     single = model.img_to_idxBl(img[2:3])
+    assert min(margins) > 1e-4
     assert all(torch.equal(a[2:3], b) for a, b in zip(full, single))
 
 
@@ -298,5 +313,5 @@ def test_missing_checkpoint_file_names_the_path(tmp_path):
     with pytest.raises(UserError, match="not found: .*vae_ch160v4096z32.pth"):
         load_official_var_vae(path)
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="truncated or not a PyTorch file"):
+    with pytest.raises(UserError, match="cannot read VQVAE checkpoint: .*vae_ch160v4096z32.pth is not a readable"):
         load_official_var_vae(path)

@@ -44,6 +44,7 @@ class ToyTask(TrainTask):
     """y = sin(x . w): an MLP with LayerNorm and dropout (so the RNG matters), items carry a string field."""
 
     config_class = ToyConfig
+    resumable_changes = ("crash_after_step", "record_dir")
 
     def __init__(self, cfg: ToyConfig):
         super().__init__(cfg)
@@ -120,7 +121,7 @@ def test_checkpoints_keep_the_last_ones_and_latest_points_at_the_newest(tmp_path
     latest = ckpt_io.load_checkpoint(ckpt_dir / "latest.pt")
     newest = ckpt_io.load_checkpoint(ckpt_dir / "step_0000023.pt")
     assert latest["step"] == newest["step"] == 23
-    assert set(latest) == {"model", "ema", "optimizer", "scaler", "step", "seconds", "rng", "config"}
+    assert set(latest) == {"model", "ema", "optimizer", "scaler", "step", "seconds", "rng", "log_sums", "config"}
     assert latest["config"]["train"]["steps"] == 23 and latest["config"]["task"]["hidden"] == 32
     for key, value in latest["model"].items():
         assert torch.equal(value, newest["model"][key])

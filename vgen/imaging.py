@@ -35,6 +35,21 @@ def tensor_to_pil(x: torch.Tensor | np.ndarray, value_range: tuple[float, float]
     return Image.fromarray(rearrange(pixels, "c h w -> h w c").numpy(), "RGB")
 
 
+#: Pillow modes of 16-bit (and 32-bit integer) grey images, whose values run to 65535 rather than 255.
+WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB. Pillow's own ``convert("RGB")`` clips 16-bit grey values at 255 (a 16-bit PNG turns
+    white); here they are scaled to 0..255 (``v8 = round(v16 / 257)``, exact for 8-bit values stored in 16 bits). Other
+    modes convert as Pillow does (alpha is dropped, as clean-fid does)."""
+    if image.mode in WIDE_GREY_MODES:
+        values = np.asarray(image).astype(np.int64)
+        grey = np.clip((values + 128) // 257, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    return image.convert("RGB")
+
+
 def pil_to_tensor(image: Image.Image, value_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
     """RGB ``PIL.Image`` -> float tensor (3, H, W) in ``value_range``."""
     pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy())

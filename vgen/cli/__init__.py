@@ -8,8 +8,10 @@ line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
+import warnings
 
 from vgen.errors import UserError
 
@@ -30,6 +32,16 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D401 - argparse API
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+@contextlib.contextmanager
+def one_line_warnings(prefix: str):
+    """Show each warning as one line, ``<prefix>: warning: <message>``, on stderr (not Python's two-line format with
+    the source line)."""
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *args, **kwargs: print(f"{prefix}: warning: {message}",
+                                                                      file=sys.stderr)
+        yield
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,12 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args([*(argv if argv is not None else sys.argv[1:]), "--help"])
         return 0
     try:
-        result = args.func(args)
+        with one_line_warnings(f"vgen {args.command}"):
+            result = args.func(args)
     except UserError as err:
         print(f"vgen {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"vgen {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # a run that stopped cleanly says how to continue
+        print(f"vgen {args.command}: interrupted" + (f": {err}" if str(err) else ""), file=sys.stderr)
         return 130
     return int(result or 0)
 

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from vgen.errors import UserError
 
@@ -48,11 +47,12 @@ def register(subparsers) -> None:
 
 
 def convert_var_official(args: argparse.Namespace) -> int:
+    from vgen.cli.checks import check_output_folder
     from vgen.models.var_official import load_official_var
     from vgen.pipelines.var import VARPipeline
     from vgen.tokenizers.msvq import load_official_var_vae
 
-    out = Path(args.out)
+    out = check_output_folder(args.out, "--out")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"output folder {out} exists and is not empty; choose a new --out")
     transformer = load_official_var(args.var)

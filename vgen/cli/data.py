@@ -8,16 +8,15 @@ vgen data preview --world folder --path my_images/ --out folder.png
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from vgen.errors import UserError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_PREVIEW = 256
 
 
 def register(subparsers) -> None:
     from vgen.cli import OneLineErrorParser
+    from vgen.cli.checks import positive_int, seed
 
     data = subparsers.add_parser("data", help="inspect the data worlds (shapes, moving_shapes, your image folder)")
     commands = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", parser_class=OneLineErrorParser)
@@ -28,24 +27,24 @@ def register(subparsers) -> None:
     )
     preview.add_argument("--world", choices=("shapes", "moving_shapes", "folder"), default="shapes")
     preview.add_argument("--path", default=None, help="image folder (for --world folder)")
-    preview.add_argument("--n", type=int, default=None, help="how many samples (default 16 images or 4 videos)")
-    preview.add_argument("--resolution", type=int, default=64, help="pixels per side (default 64)")
-    preview.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
-    preview.add_argument("--frames", type=int, default=8, help="frames per video for moving_shapes (default 8)")
+    preview.add_argument("--n", type=positive_int, default=None,
+                         help="how many samples (default 16 images or 4 videos)")
+    preview.add_argument("--resolution", type=positive_int, default=64, help="pixels per side (default 64)")
+    preview.add_argument("--seed", type=seed, default=0, help="world seed (default 0)")
+    preview.add_argument("--frames", type=positive_int, default=8,
+                         help="frames per video for moving_shapes (default 8)")
     preview.add_argument("--tag", default=None, help="shapes only: show one GenEval category, e.g. counting")
     preview.add_argument("--out", default="grid.png", help="output image file (.png/.jpg/.webp)")
     preview.set_defaults(func=run_preview)
 
 
 def run_preview(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if out.suffix.lower() not in IMAGE_SUFFIXES:
-        raise UserError(f"--out must end in one of {', '.join(IMAGE_SUFFIXES)}, got {args.out!r}")
+    from vgen.cli.checks import check_image_output
+
+    out = check_image_output(args.out, "--out")
     n = args.n if args.n is not None else (4 if args.world == "moving_shapes" else 16)
     if not 1 <= n <= MAX_PREVIEW:
         raise UserError(f"--n must be from 1 to {MAX_PREVIEW}, got {n}")
-    if args.seed < 0:
-        raise UserError(f"--seed must be >= 0, got {args.seed}")
     if args.tag is not None and args.world != "shapes":
         raise UserError("--tag applies to --world shapes only")
     if args.world == "folder" and args.path is None:

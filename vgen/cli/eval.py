@@ -16,6 +16,7 @@ import argparse
 import json
 
 from vgen.cli import OneLineErrorParser
+from vgen.cli.checks import nonnegative_int, positive_int, seed
 from vgen.cli.eval_geneval import register_geneval
 
 FEATURES_HELP = (
@@ -38,8 +39,8 @@ def _add_feature_args(parser: argparse.ArgumentParser, features_default: str | N
         help="Inception weights file inception-2015-12-05.pt (default: $VGEN_INCEPTION_PATH, else clean-fid's "
         "location /tmp/inception-2015-12-05.pt)",
     )
-    parser.add_argument("--batch-size", type=int, default=64, help="images per feature-network batch")
-    parser.add_argument("--num-workers", type=int, default=0, help="data-loader workers for image folders")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per feature-network batch")
+    parser.add_argument("--num-workers", type=nonnegative_int, default=0, help="data-loader workers for image folders")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
@@ -63,7 +64,11 @@ def _run_fid(args: argparse.Namespace) -> int:
 
 
 def _run_fid_ref(args: argparse.Namespace) -> int:
+    from vgen.cli.checks import check_output_file
     from vgen.eval.fid import make_reference_stats
+
+    if args.out is not None:
+        check_output_file(args.out, "--out", (".npz",))
 
     path = make_reference_stats(
         world=args.world,
@@ -105,7 +110,7 @@ def register_fid(sub) -> None:
     parser.add_argument("--ref", required=True, help="reference stats .npz, image .npz, or folder of images")
     _add_feature_args(parser, features_default=None)
     parser.add_argument("--kid", action="store_true", help="also compute KID (needs reference features)")
-    parser.add_argument("--n", type=int, default=None, help="use only the first N samples")
+    parser.add_argument("--n", type=positive_int, default=None, help="use only the first N readable samples (>= 2)")
     parser.set_defaults(func=_run_fid)
 
 
@@ -120,9 +125,10 @@ def register_fid_ref(sub) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--world", choices=["shapes"], help="procedural data world to render")
     source.add_argument("--folder", help="folder of reference images")
-    parser.add_argument("--n", type=int, default=None, help="number of images (world: default 10000; folder: all)")
-    parser.add_argument("--resolution", type=int, default=64, help="world resolution in pixels")
-    parser.add_argument("--seed", type=int, default=0, help="world seed")
+    parser.add_argument("--n", type=positive_int, default=None,
+                        help="number of images (world: default 10000; folder: all)")
+    parser.add_argument("--resolution", type=positive_int, default=64, help="world resolution in pixels")
+    parser.add_argument("--seed", type=seed, default=0, help="world seed")
     parser.add_argument("--out", default=None, help="output .npz (default: the cache file)")
     parser.add_argument("--overwrite", action="store_true", help="recompute even if the output exists")
     parser.add_argument(
@@ -137,9 +143,9 @@ def register_fid_sanity(sub) -> None:
         "fid-sanity",
         help="FID sanity table with Shapes features: real vs real / blurred / hue-rotated / uniform noise",
     )
-    parser.add_argument("--n", type=int, default=5000, help="images per set")
-    parser.add_argument("--resolution", type=int, default=64, help="world resolution in pixels")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per feature-network batch")
+    parser.add_argument("--n", type=positive_int, default=5000, help="images per set")
+    parser.add_argument("--resolution", type=positive_int, default=64, help="world resolution in pixels")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="images per feature-network batch")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table instead of JSON")
     parser.set_defaults(func=_run_fid_sanity)

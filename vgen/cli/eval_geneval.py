@@ -34,22 +34,49 @@ def _detector_spec(args: argparse.Namespace) -> str:
     )
 
 
+def _official_options(args: argparse.Namespace):
+    """The official evaluator's ``--options`` from their flags."""
+    from vgen.eval.geneval import GenEvalConfig
+
+    return GenEvalConfig(threshold=args.threshold, counting_threshold=args.counting_threshold,
+                         max_objects=args.max_objects, max_overlap=args.max_overlap,
+                         position_threshold=args.position_threshold)
+
+
+def add_official_option_args(parser: argparse.ArgumentParser) -> None:
+    """The official evaluator's ``--options key=value`` pairs, as flags with the official defaults."""
+    from vgen.cli.checks import finite_float, positive_int
+    from vgen.eval.geneval import GenEvalConfig
+
+    defaults = GenEvalConfig()
+    options = parser.add_argument_group("official GenEval options (evaluate_images.py --options)")
+    options.add_argument("--threshold", type=finite_float, default=defaults.threshold,
+                         help=f"keep detections with a score above this (default {defaults.threshold})")
+    options.add_argument("--counting-threshold", type=finite_float, default=defaults.counting_threshold,
+                         help=f"the same for the counting task (default {defaults.counting_threshold})")
+    options.add_argument("--max-objects", type=positive_int, default=defaults.max_objects,
+                         help=f"most detections kept per class (default {defaults.max_objects})")
+    options.add_argument("--max-overlap", type=finite_float, default=defaults.max_overlap,
+                         help=f"per-class NMS IoU; 1 keeps every box (default {defaults.max_overlap})")
+    options.add_argument("--position-threshold", type=finite_float, default=defaults.position_threshold,
+                         help="share of the summed box sizes discounted from centre offsets in position checks "
+                              f"(default {defaults.position_threshold})")
+
+
 def _select(metadata: list[dict], limit: int | None) -> list[dict]:
-    if limit is not None:
-        if limit < 1:
-            raise UserError(f"--limit must be at least 1 (got {limit})")
-        metadata = metadata[:limit]
-    return metadata
+    return metadata[:limit] if limit is not None else metadata
 
 
 def _generate_from_model(args: argparse.Namespace, metadata: list[dict], out: Path) -> bool:
     """Sample into ``out`` in GenEval layout; returns True on the rank that should score."""
+    from vgen.cli.checks import check_seed_range
     from vgen.cli.sample import sampling_kwargs
     from vgen.eval.geneval import write_prompt_metadata
     from vgen.eval.sample_at_scale import geneval_jobs, load_pipeline, run_sampling
     from vgen.pipelines import resolve_model_dir
     from vgen.distributed import barrier, setup_distributed, teardown_distributed
 
+    check_seed_range(args.seed, len(metadata) * args.images_per_prompt)
     model_dir = resolve_model_dir(args.model)
     ctx = setup_distributed()
     try:
@@ -71,8 +98,10 @@ def _generate_from_model(args: argparse.Namespace, metadata: list[dict], out: Pa
 
 
 def _run(args: argparse.Namespace) -> int:
+    from vgen.cli.checks import check_output_file, check_output_folder
     from vgen.eval.geneval import (
         build_detector,
+        check_detector_classes,
         evaluate_images,
         format_summary,
         load_metadata,
@@ -82,8 +111,11 @@ def _run(args: argparse.Namespace) -> int:
     )
 
     detector_spec = _detector_spec(args)
-    if args.images_per_prompt < 1:
-        raise UserError(f"--images-per-prompt must be at least 1 (got {args.images_per_prompt})")
+    config = _official_options(args)
+    if args.results is not None:
+        check_output_file(args.results, "--results")
+    if args.out is not None:
+        check_output_folder(args.out, "--out")
     # Built before any sampling so that a broken plug-in fails fast.
     detector = build_detector(detector_spec)
     color_classifier = load_plugin(args.color_classifier, "colour classifier") if args.color_classifier else None
@@ -95,6 +127,7 @@ def _run(args: argparse.Namespace) -> int:
             raise UserError("scoring a model (--model, or the shipped default) or --real writes images: give --out DIR")
         folder = Path(args.out)
         metadata = _select(load_metadata(args.metadata), args.limit)
+        check_detector_classes(detector, metadata)
         if args.real:
             from vgen.eval.shapes_geneval import write_real_folder
 
@@ -103,7 +136,7 @@ def _run(args: argparse.Namespace) -> int:
             return 0  # ranks other than 0 stop after sampling
         # score only what this run asked for, even if --out holds more from an earlier run
         limits = {"max_prompts": len(metadata), "max_samples": args.images_per_prompt}
-    results = evaluate_images(folder, detector, color_classifier, **limits)
+    results = evaluate_images(folder, detector, color_classifier, config, **limits)
     summary = summarise(results)
     if args.results:
         write_results(results, args.results)
@@ -114,14 +147,16 @@ def _run(args: argparse.Namespace) -> int:
 
 def register_geneval(eval_subparsers) -> None:
     """Add ``geneval`` to the ``vgen eval`` target parsers (called by :mod:`vgen.cli.eval`)."""
+    from vgen.cli.checks import positive_int
     from vgen.cli.sample import add_sampling_args
 
     parser = eval_subparsers.add_parser(
         "geneval",
         help="GenEval scores (official rules, pluggable detector) of a folder, a model's samples or real Shapes",
         description="GenEval: each image is checked against its prompt's structured metadata with the official "
-        "rules (threshold 0.3, 0.9 for counting, exact counts, colour of the most confident objects, position "
-        "from box centres with a 10%% margin). Prints JSON on stdout and a table on stderr.",
+        "rules and arithmetic (threshold 0.3, 0.9 for counting, exact counts, colour of the most confident objects, "
+        "position from box centres with a 10%% margin; the official options are flags below). Prints JSON on stdout "
+        "and a table on stderr.",
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--images", help="folder in GenEval layout: 00000/metadata.jsonl, 00000/samples/0000.png")
@@ -139,9 +174,11 @@ def register_geneval(eval_subparsers) -> None:
         "--color-classifier", default=None, help="package.module:factory for detectors without colours"
     )
     parser.add_argument("--out", default=None, help="folder to write images to (--model, --real)")
-    parser.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt (--model, --real)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N prompts (--model, --real)")
-    parser.add_argument("--resolution", type=int, default=64, help="render resolution for --real")
+    parser.add_argument("--images-per-prompt", type=positive_int, default=4,
+                        help="images per prompt (--model, --real)")
+    parser.add_argument("--limit", type=positive_int, default=None, help="only the first N prompts (--model, --real)")
+    parser.add_argument("--resolution", type=positive_int, default=64, help="render resolution for --real")
     parser.add_argument("--results", default=None, help="also write per-image results (JSONL) here")
     add_sampling_args(parser)
+    add_official_option_args(parser)
     parser.set_defaults(func=_run)

@@ -2,21 +2,34 @@
 
     vgen generate --model DIR "a photo of a red circle" --n 4 --seed 0 --out grid.png
     vgen generate --model var-d16-folder --class-label 207 360 --n 2 --guidance-scale 1.5 --top-k 900 --top-p 0.96
+    vgen generate --unconditional --n 8 --out-dir uncond/
 
 Image i (counting over prompts/labels x ``--n``) uses seed ``--seed + i``, so any image can be regenerated alone.
-The resolved settings are written next to the outputs (``generate_config.json``).
+Images are made ``GENERATE_BATCH`` at a time and written as they come, so ``--out-dir`` takes any ``--n``; a grid
+holds at most ``MAX_GRID_IMAGES``. The resolved settings are written next to the outputs (``generate_config.json``,
+and ``<grid>.json`` beside the grid); such a file replaces only one that ``vgen generate`` wrote.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from vgen.errors import UserError
 
+#: Images per pipeline call.
+GENERATE_BATCH = 16
+#: Most images one grid shows (more would be unreadable; --out-dir takes any number).
+MAX_GRID_IMAGES = 1024
+#: The mark in the settings files this command writes (see :func:`vgen.cli.checks.check_own_file`).
+WRITER = "vgen generate"
+SETTINGS_FILE = "generate_config.json"
+
 
 def register(subparsers) -> None:
+    from vgen.cli.checks import finite_float, nonnegative_int, positive_int, seed
     from vgen.cli.sample import add_guidance_profile_arg
 
     parser = subparsers.add_parser(
@@ -29,70 +42,127 @@ def register(subparsers) -> None:
                         help="pipeline folder (model_index.json); default: the model shipped with vgen")
     parser.add_argument("--class-label", type=int, nargs="+", default=None, metavar="N",
                         help="class id(s) for class-conditional models")
-    parser.add_argument("--n", type=int, default=4, help="images per prompt / class label (default 4)")
-    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
-    parser.add_argument("--guidance-scale", type=float, default=None,
+    parser.add_argument("--unconditional", action="store_true",
+                        help="images of the null prompt / null class (no prompt, no --class-label)")
+    parser.add_argument("--n", type=positive_int, default=4, help="images per prompt / class label (default 4)")
+    parser.add_argument("--seed", type=seed, default=0, help="image i uses seed + i (default 0)")
+    parser.add_argument("--guidance-scale", type=finite_float, default=None,
                         help="classifier-free guidance (VAR ramp: official cfg; 0 = off; default: the model's saved "
                              "setting, see model_index.json)")
-    parser.add_argument("--top-k", type=int, default=None, help="top-k filtering, 0 = off (default: the model's)")
-    parser.add_argument("--top-p", type=float, default=None, help="top-p filtering, 0 = off (default: the model's)")
-    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the model's)")
+    parser.add_argument("--top-k", type=nonnegative_int, default=None,
+                        help="top-k filtering, 0 = off (default: the model's)")
+    parser.add_argument("--top-p", type=finite_float, default=None,
+                        help="top-p filtering, 0 = off (default: the model's)")
+    parser.add_argument("--temperature", type=finite_float, default=None,
+                        help="sampling temperature (default: the model's)")
     add_guidance_profile_arg(parser)
     parser.add_argument("--more-smooth", action="store_true", help="VAR's Gumbel-smoothed embeddings (visuals only)")
-    parser.add_argument("--out", default=None, help="grid PNG path (default grid.png unless --out-dir is given)")
+    parser.add_argument("--out", default=None, help="grid image path, .png/.jpg/.jpeg/.webp (default grid.png unless "
+                                                    "--out-dir is given)")
     parser.add_argument("--out-dir", default=None, help="also write each image as DIR/NNNN.png")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def _conditions(args: argparse.Namespace) -> list:
+    """One entry per prompt / class label (``[None]`` for unconditional images)."""
+    given = [bool(args.prompt), args.class_label is not None, args.unconditional]
+    if sum(given) > 1:
+        raise UserError("give prompt(s), --class-label or --unconditional, only one of them")
+    if not any(given):
+        raise UserError("give a prompt (text models), --class-label N (class-conditional models) or --unconditional")
+    if args.unconditional:
+        return [None]
+    return list(args.prompt) if args.prompt else list(args.class_label)
+
+
+def _check_outputs(args: argparse.Namespace, total: int) -> tuple[Path | None, Path | None]:
+    """The grid path and image folder to write, checked before anything is generated."""
+    from vgen.cli.checks import check_image_output, check_output_folder, check_own_file
+
+    grid_path = Path(args.out) if args.out is not None else (Path("grid.png") if args.out_dir is None else None)
+    out_dir = Path(args.out_dir) if args.out_dir is not None else None
+    if grid_path is not None:
+        check_image_output(grid_path, "--out")
+        check_own_file(_grid_settings_path(grid_path), WRITER, "--out")
+        if total > MAX_GRID_IMAGES:
+            raise UserError(f"{total} images are too many for one grid (at most {MAX_GRID_IMAGES}); write them with "
+                            "--out-dir DIR instead (and leave out --out)")
+    if out_dir is not None:
+        check_output_folder(out_dir, "--out-dir")
+        check_own_file(out_dir / SETTINGS_FILE, WRITER, "--out-dir")
+        theirs = sorted(p.name for p in out_dir.glob("*.png") if re.fullmatch(r"\d{4,}\.png", p.name))
+        if theirs and not (out_dir / SETTINGS_FILE).exists():
+            raise UserError(f"--out-dir {out_dir} holds images vgen generate did not write ({theirs[0]} ...), "
+                            "which this run would replace; give a new or empty folder")
+    return grid_path, out_dir
+
+
+def _grid_settings_path(grid_path: Path) -> Path:
+    return grid_path.with_name(grid_path.stem + ".json")
+
+
+def _caption(condition, prompt_mode: bool) -> str:
+    if condition is None:
+        return "unconditional"
+    return str(condition) if prompt_mode else f"class {condition}"
+
+
+def _generate_batch(pipe, conditions: list, prompt_mode: bool, seeds: list[int], sampling: dict, more_smooth: bool):
+    """The images of one batch: image j is conditioned on ``conditions[j]`` and seeded with ``seeds[j]``."""
     import torch
 
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    if conditions[0] is None:
+        condition = {"unconditional": True, "num_images_per_prompt": len(seeds)}
+    elif prompt_mode:
+        condition = {"prompt": conditions}
+    else:
+        condition = {"class_labels": conditions}
+    return pipe(**condition, **sampling, more_smooth=more_smooth, generator=generators, output_type="pil").images
+
+
+def run(args: argparse.Namespace) -> int:
+    from vgen.cli.checks import check_seed_range
     from vgen.imaging import make_grid
     from vgen.pipelines import load_pipeline
 
-    if args.n < 1:
-        raise UserError(f"--n must be >= 1, got {args.n}")
-    if args.prompt and args.class_label is not None:
-        raise UserError("give either prompt(s) or --class-label, not both")
-    if not args.prompt and args.class_label is None:
-        raise UserError("give a prompt (text models) or --class-label N (class-conditional models)")
+    conditions = _conditions(args)
+    prompt_mode = bool(args.prompt)
+    total = len(conditions) * args.n
+    check_seed_range(args.seed, total)
+    grid_path, out_dir = _check_outputs(args, total)
     pipe, model_dir = load_pipeline(args.model, args.device)
     pipe.set_progress_bar_config(disable=True)
-    conditions = args.prompt or args.class_label
-    total = len(conditions) * args.n
-    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(total)]
     sampling = pipe.resolve_sampling(guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p,
                                      temperature=args.temperature, guidance_profile=args.guidance_profile)
-    output = pipe(
-        prompt=list(args.prompt) if args.prompt else None,
-        class_labels=args.class_label,
-        num_images_per_prompt=args.n,
-        **sampling,
-        more_smooth=args.more_smooth,
-        generator=generators,
-        output_type="pil",
-    )
-    images = output.images
-    captions = [str(c) if args.prompt else f"class {c}" for c in conditions for _ in range(args.n)]
-    captions = [f"{cap} (seed {args.seed + i})" for i, cap in enumerate(captions)]
+    if conditions[0] is not None:  # every prompt / label checked before the first image is written
+        pipe.encode_condition(conditions if prompt_mode else None, None if prompt_mode else conditions, 1)
     settings = {
-        "model": str(model_dir.resolve()), "prompt": args.prompt or None, "class_label": args.class_label,
-        "n": args.n, "seed": args.seed, **sampling, "more_smooth": args.more_smooth,
+        "written_by": WRITER, "model": str(model_dir.resolve()), "prompt": args.prompt or None,
+        "class_label": args.class_label, "unconditional": args.unconditional, "n": args.n, "seed": args.seed,
+        **sampling, "more_smooth": args.more_smooth,
     }
-    written = []
-    if args.out_dir is not None:
-        out_dir = Path(args.out_dir)
+    if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        for i, image in enumerate(images):
-            image.save(out_dir / f"{i:04d}.png")
-        (out_dir / "generate_config.json").write_text(json.dumps(settings, indent=2) + "\n")
-        written.append(f"{len(images)} images in {out_dir}")
-    grid_path = Path(args.out) if args.out is not None else (Path("grid.png") if args.out_dir is None else None)
+        (out_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    per_image = [c for c in conditions for _ in range(args.n)]
+    kept = []
+    for start in range(0, total, GENERATE_BATCH):
+        batch = per_image[start : start + GENERATE_BATCH]
+        seeds = [args.seed + start + j for j in range(len(batch))]
+        images = _generate_batch(pipe, batch, prompt_mode, seeds, sampling, args.more_smooth)
+        for j, image in enumerate(images):
+            if out_dir is not None:
+                image.save(out_dir / f"{start + j:04d}.png")
+            if grid_path is not None:
+                kept.append(image)
+    written = [f"{total} images in {out_dir}"] if out_dir is not None else []
     if grid_path is not None:
+        captions = [f"{_caption(c, prompt_mode)} (seed {args.seed + i})" for i, c in enumerate(per_image)]
         grid_path.parent.mkdir(parents=True, exist_ok=True)
-        make_grid(images, captions, ncols=args.n if len(conditions) > 1 else None).save(grid_path)
-        grid_path.with_name(grid_path.stem + ".json").write_text(json.dumps(settings, indent=2) + "\n")
+        make_grid(kept, captions, ncols=args.n if len(conditions) > 1 else None).save(grid_path)
+        _grid_settings_path(grid_path).write_text(json.dumps(settings, indent=2) + "\n")
         written.append(f"grid {grid_path}")
     print("wrote " + "; ".join(written))
     return 0

@@ -13,17 +13,18 @@ import json
 import sys
 from pathlib import Path
 
-from vgen.errors import UserError
-
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     """Flags shared with ``vgen eval geneval --model``: the pipeline call's sampling knobs."""
-    parser.add_argument("--seed", type=int, default=0, help="global seed; image i uses seed + i (default 0)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per pipeline call per process")
-    parser.add_argument("--guidance-scale", type=float, default=None,
+    from vgen.cli.checks import finite_float, nonnegative_int, positive_int, seed
+
+    parser.add_argument("--seed", type=seed, default=0, help="global seed; image i uses seed + i (default 0)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="images per pipeline call per process")
+    parser.add_argument("--guidance-scale", type=finite_float, default=None,
                         help="classifier-free guidance scale (default: the model's saved setting)")
-    parser.add_argument("--top-k", type=int, default=None, help="top-k sampling, 0 = off (default: the model's)")
-    parser.add_argument("--top-p", type=float, default=None,
+    parser.add_argument("--top-k", type=nonnegative_int, default=None,
+                        help="top-k sampling, 0 = off (default: the model's)")
+    parser.add_argument("--top-p", type=finite_float, default=None,
                         help="top-p (nucleus) sampling, 0 = off (default: the model's)")
     add_guidance_profile_arg(parser)
 
@@ -65,6 +66,7 @@ def default_out_dir(model_dir: Path, args: argparse.Namespace, sampling: dict) -
 
 
 def _run(args: argparse.Namespace) -> int:
+    from vgen.cli.checks import check_output_folder, check_seed_range
     from vgen.eval.sample_at_scale import (
         flat_jobs,
         load_pipeline,
@@ -76,9 +78,9 @@ def _run(args: argparse.Namespace) -> int:
     from vgen.pipelines import resolve_model_dir
     from vgen.distributed import setup_distributed, teardown_distributed
 
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1 (got {args.batch_size})")
     prompts = load_prompts(args.metadata) if args.metadata is not None else None
+    if args.out:
+        check_output_folder(args.out, "--out")
     model_dir = resolve_model_dir(args.model)
     ctx = setup_distributed()
     try:
@@ -87,6 +89,7 @@ def _run(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else default_out_dir(model_dir, args, sampling)
         labels = parse_class_labels(args.class_labels, pipeline_num_classes(pipe)) if prompts is None else None
         n = args.n if args.n is not None else len(prompts if prompts is not None else labels)
+        check_seed_range(args.seed, n)
         jobs = flat_jobs(out, n, args.seed, prompts=prompts, class_labels=labels)
         settings = {
             "model": str(model_dir.resolve()),
@@ -105,6 +108,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
+    from vgen.cli.checks import positive_int
+
     parser = subparsers.add_parser(
         "sample",
         help="many images from a saved pipeline (PNG folder + manifest, optional .npz); works under torchrun",
@@ -118,7 +123,7 @@ def register(subparsers) -> None:
         "--num-samples",
         "--n",
         dest="n",
-        type=int,
+        type=positive_int,
         default=None,
         help="number of images (default: one per class / prompt); under torchrun write --num-samples, since "
         "torchrun's own parser reads '--n' as an abbreviation of its options",

@@ -22,6 +22,7 @@ def _run(args: argparse.Namespace) -> int:
     task_cfg, train_cfg = load_run_config(args.task, args.config, args.set)
     if args.out is not None:
         train_cfg.out_dir = str(args.out)
+    train_cfg.validate()  # before the task loads its data and models
     train(task_class(task_cfg), train_cfg, resume=args.resume, progress=not args.no_progress)
     return 0
 
@@ -34,8 +35,8 @@ def register(subparsers) -> None:
         help="train a tokenizer or generator from a run config",
         description="Train a model. A run config is YAML with a 'task:' section (the task's settings) and a "
         "'train:' section (steps, batch_size, lr, schedule, precision, ...). Run under torchrun for DDP.",
-        epilog=f"tasks: {', '.join(sorted(TASKS))}. Example: vgen train var --config configs/shapes/var.yaml "
-        "--set train.lr=3e-4 --out runs/var",
+        epilog=f"tasks: {', '.join(sorted(TASKS))}. Example: vgen train var --config configs/shapes/var_text.yaml "
+        "--set train.lr=3e-4 --out runs/var. Ctrl-C saves a checkpoint and stops; --resume continues.",
     )
     parser.add_argument("task", metavar="TASK", help=f"what to train: {', '.join(sorted(TASKS))}")
     parser.add_argument("--config", required=True, metavar="FILE", help="run config YAML (task: and train: sections)")
@@ -48,6 +49,7 @@ def register(subparsers) -> None:
         help="override config values, e.g. --set train.lr=3e-4 task.resolution=64",
     )
     parser.add_argument("--out", type=Path, default=None, metavar="DIR", help="output folder (train.out_dir)")
-    parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoints/latest.pt if present")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest readable checkpoint in DIR/checkpoints, if there is one")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to log.jsonl)")
     parser.set_defaults(func=_run)

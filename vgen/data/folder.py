@@ -24,7 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from vgen.errors import UserError
-from vgen.imaging import pil_to_tensor
+from vgen.imaging import pil_to_tensor, to_rgb8
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 METADATA_FILE = "metadata.jsonl"
@@ -41,7 +41,7 @@ def open_rgb(path: Path) -> Image.Image:
             canvas = Image.new("RGB", rgba.size, (255, 255, 255))
             canvas.paste(rgba, mask=rgba.getchannel("A"))
             return canvas
-        return image.convert("RGB")
+        return to_rgb8(image)
 
 
 def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
@@ -73,8 +73,13 @@ def read_metadata(folder: Path) -> dict[str, str]:
     path = folder / METADATA_FILE
     if not path.is_file():
         return {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; write one JSON object per line, e.g. "
+                        '{"file_name": "cats/001.jpg", "text": "a photo of a cat"}') from None
     captions: dict[str, str] = {}
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -281,7 +281,7 @@ def _infer_tag(include: list[dict[str, Any]]) -> str:
 
 # ----------------------------------------------------------------------------------------------------------- GenEval rule
 def geneval_relation_components(
-    box_a, box_b, position_threshold: float = GENEVAL_POSITION_THRESHOLD
+    box_a, box_b, position_threshold: float = GENEVAL_POSITION_THRESHOLD, dtype=np.float64
 ) -> tuple[float, float]:
     """GenEval's normalised, margin-shrunk offset of box A's centre from box B's centre: ``(dx, dy)``.
 
@@ -289,13 +289,14 @@ def geneval_relation_components(
     ``dc = centre_a - centre_b`` and ``t = position_threshold``; ``(0, 0)`` (no relation) when every component of
     ``revised`` is below 1e-3, else ``revised / ||dc||``. ``dx < -0.5`` means "A left of B", ``dx > 0.5`` "right of",
     ``dy < -0.5`` "above", ``dy > 0.5`` "below" (image y points down). The one implementation of the rule: the
-    Shapes world places objects with it and ``vgen.eval.geneval`` scores with it.
+    Shapes world places objects with it (float64) and ``vgen.eval.geneval`` scores with it in float32, the official
+    code's arithmetic (its boxes are the detector's float32 rows), with the official code's numpy expressions.
     """
-    a = np.asarray(box_a[:4], dtype=np.float64)
-    b = np.asarray(box_b[:4], dtype=np.float64)
-    offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
-    dims = np.abs(a[2:] - a[:2]) + np.abs(b[2:] - b[:2])
-    revised = np.maximum(np.abs(offset) - position_threshold * dims, 0.0) * np.sign(offset)
+    boxes = np.array([list(box_a[:4]), list(box_b[:4])], dtype=dtype).reshape(2, 2, 2)
+    center_a, center_b = boxes.mean(axis=-2)
+    dim_a, dim_b = np.abs(np.diff(boxes, axis=-2))[..., 0, :]
+    offset = center_a - center_b
+    revised = np.maximum(np.abs(offset) - position_threshold * (dim_a + dim_b), 0) * np.sign(offset)
     if np.all(np.abs(revised) < 1e-3):
         return 0.0, 0.0
     dx, dy = revised / np.linalg.norm(offset)

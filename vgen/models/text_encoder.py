@@ -27,7 +27,7 @@ from diffusers.configuration_utils import register_to_config
 from einops import rearrange
 from torch import nn
 
-from vgen.errors import UserError
+from vgen.errors import UserError, excerpt
 
 PAD_TOKEN = "<pad>"
 NULL_TOKEN = "<null>"
@@ -140,13 +140,16 @@ class ShapesTextEncoder(ModelMixin, ConfigMixin):
             words = split_words(prompt)
             unknown = [w for w in dict.fromkeys(words) if w not in self.stoi or w in (PAD_TOKEN, NULL_TOKEN)]
             if unknown:
+                named = ", ".join(excerpt(w, 30) for w in unknown[:8]) + (f" and {len(unknown) - 8} more"
+                                                                           if len(unknown) > 8 else "")
                 raise UserError(
-                    f"unknown word(s) {', '.join(repr(w) for w in unknown)} in prompt {prompt!r}; "
-                    f"this model knows: {', '.join(self.vocabulary)}"
+                    f"unknown word(s) {named} in prompt {excerpt(prompt)}; this model knows: "
+                    f"{', '.join(self.vocabulary)}"
                 )
             if len(words) > self.config.max_length:
                 raise UserError(
-                    f"prompt {prompt!r} has {len(words)} words; this model reads at most {self.config.max_length}"
+                    f"prompt {excerpt(prompt)} has {len(words)} words; this model reads at most "
+                    f"{self.config.max_length}"
                 )
             rows.append([self.stoi[w] for w in words] or [self.stoi[NULL_TOKEN]])
         T = max(len(r) for r in rows)

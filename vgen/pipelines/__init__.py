@@ -43,41 +43,51 @@ def register_with_diffusers() -> None:
 def pipeline_class_name(model_dir: Path) -> str:
     """``_class_name`` of a saved pipeline folder's ``model_index.json``, or a :class:`UserError` saying what is
     wrong with the folder."""
-    import json
+    from vgen.pipelines.folder_check import INDEX_FILE, read_json_object
 
     if not model_dir.is_dir():
         raise UserError(f"model folder not found: {model_dir} (pass a pipeline folder saved by vgen)")
-    index = model_dir / "model_index.json"
-    if not index.is_file():
-        raise UserError(f"{model_dir} is not a saved pipeline (no model_index.json); give a folder saved by vgen")
-    try:
-        config = json.loads(index.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{index} is not valid JSON ({err}); save the pipeline again") from None
-    if not isinstance(config, dict) or not isinstance(config.get("_class_name"), str):
-        raise UserError(f"{index} does not name a pipeline class (_class_name); save the pipeline again")
-    return config["_class_name"]
+    if not (model_dir / INDEX_FILE).is_file():
+        raise UserError(f"{model_dir} is not a saved pipeline (no {INDEX_FILE}); give a folder saved by vgen")
+    index = read_json_object(model_dir / INDEX_FILE, "the pipeline index")
+    if not isinstance(index.get("_class_name"), str):
+        raise UserError(f"{model_dir / INDEX_FILE} does not name a pipeline class (_class_name); save the pipeline "
+                        "again")
+    return index["_class_name"]
+
+
+def required_components(pipeline_class: type) -> list[str]:
+    """The components a pipeline class cannot do without (its ``__init__`` modules minus the optional ones)."""
+    expected, optional = pipeline_class._get_signature_keys(pipeline_class)
+    skip = set(optional) | set(getattr(pipeline_class, "_optional_components", []))
+    return sorted(name for name in expected if name not in skip)
 
 
 def load_pipeline(model: str | Path | None = None, device=None):
     """Load a saved pipeline folder of any registered family (``model_index.json``'s ``_class_name``, see
     :mod:`vgen.pipelines.registry`), or the shipped default when ``model`` is None, onto ``device`` (default: CUDA
-    if available, else CPU). Returns ``(pipeline, model_dir)``. The one loader the CLI commands share: it turns a
-    wrong folder into a :class:`UserError` and keeps diffusers' load chatter off stderr."""
-    import torch
+    if available, else CPU). Returns ``(pipeline, model_dir)``. The one loader the CLI commands share: it checks the
+    folder first (:mod:`vgen.pipelines.folder_check`), turns what is wrong with it into a :class:`UserError` and
+    keeps diffusers' load chatter off stderr."""
     from diffusers.utils import logging as diffusers_logging
 
+    from vgen.devices import resolve_device
+    from vgen.pipelines.folder_check import check_pipeline_folder
     from vgen.pipelines.registry import load_pipeline_class
 
     model_dir = resolve_model_dir(model)
     pipeline_class = load_pipeline_class(pipeline_class_name(model_dir))
+    device = resolve_device(device)
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     try:
+        check_pipeline_folder(model_dir, required=required_components(pipeline_class))
         pipe = pipeline_class.from_pretrained(str(model_dir))
+    except (OSError, RuntimeError, ValueError, TypeError, KeyError) as err:  # what the checks cannot foresee
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot load the pipeline in {model_dir}: {first_line[:300]}") from None
     finally:
         diffusers_logging.set_verbosity(verbosity)
         diffusers_logging.enable_progress_bar()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return pipe.to(device), model_dir

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 
-from vgen.errors import UserError
+from vgen.errors import UserError, excerpt
 from vgen.models.conditioning import Condition
 from vgen.pipelines.registry import PIPELINES, SamplingOption
 from vgen.samplers.seeding import per_sample_generators
@@ -100,13 +100,18 @@ class VGenPipeline(DiffusionPipeline):
 
     def encode_condition(
         self, prompt: str | Sequence[str] | None, class_labels: int | Sequence[int] | torch.Tensor | None,
-        num_images_per_prompt: int,
+        num_images_per_prompt: int, unconditional: bool = False,
     ) -> tuple[Condition, list[str]]:
-        """The transformer's condition for every image and a caption per image (prompt or ``class N``); images
-        are ordered prompt by prompt (``num_images_per_prompt`` consecutive images each)."""
+        """The transformer's condition for every image and a caption per image (prompt, ``class N`` or
+        ``unconditional``: the null prompt / null class, for ``num_images_per_prompt`` images); images are ordered
+        prompt by prompt (``num_images_per_prompt`` consecutive images each)."""
         if num_images_per_prompt < 1:
             raise UserError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         device = self._execution_device()
+        if unconditional:
+            if prompt is not None or class_labels is not None:
+                raise UserError("unconditional images take no prompt and no class labels; give one or the other")
+            return self.transformer.null_condition(num_images_per_prompt), ["unconditional"] * num_images_per_prompt
         if self.is_text_conditional:
             if class_labels is not None:
                 raise UserError("this model is text-conditional: pass a prompt, not class labels")
@@ -117,6 +122,7 @@ class VGenPipeline(DiffusionPipeline):
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             if not prompts:
                 raise UserError("prompt list is empty")
+            check_prompts(prompts)
             prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
             ids_BT, mask_BT = self.text_encoder.tokenize(prompts)
             pooled_BD, tokens_BTD = self.text_encoder(ids_BT.to(device), mask_BT.to(device))
@@ -162,6 +168,16 @@ class VGenPipeline(DiffusionPipeline):
             if output_type == "pil":
                 result = self.numpy_to_pil(result)
         return ImagePipelineOutput(images=result) if return_dict else (result,)
+
+
+def check_prompts(prompts: Sequence[str]) -> None:
+    """Every prompt must have words: an empty or blank one would silently give an unconditional image."""
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not any(ch.isalnum() for ch in prompt):
+            raise UserError(
+                f"prompt {i + 1} ({excerpt(str(prompt))}) has no words; give a prompt, or ask for unconditional "
+                "images explicitly (unconditional=True; vgen generate --unconditional)"
+            )
 
 
 def options_of(class_name: str) -> tuple[SamplingOption, ...]:

@@ -95,7 +95,10 @@ class SamplingOption:
         try:
             return self.parse(value)
         except (ValueError, TypeError) as err:
-            raise UserError(f"{self.name} {value!r} is not valid: {err}") from None
+            reason = str(err)
+            if reason.startswith("must "):
+                raise UserError(f"{self.name} {reason}") from None
+            raise UserError(f"{self.name} {value!r} is not valid ({reason})") from None
 
 
 #: the knobs of discrete-token sampling (VAR, NFIG, raster AR)

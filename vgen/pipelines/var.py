@@ -83,6 +83,7 @@ class VARPipeline(VGenPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        unconditional: bool = False,
     ):
         """Generate images.
 
@@ -99,14 +100,16 @@ class VARPipeline(VGenPipeline):
                 ``1 + guidance_scale * profile[si]`` at scale si (:class:`vgen.samplers.guidance.ProfileCFG`).
             guidance_schedule: any other CFG schedule, e.g. :class:`vgen.samplers.guidance.ConstantCFG` (replaces
                 ``guidance_profile``).
-            generator: one ``torch.Generator`` per image (images independent of batch size) or a single one.
+            generator: one ``torch.Generator`` per image (its random numbers do not depend on the batch) or one.
             output_type: ``"pil"``, ``"np"`` (B, H, W, 3) floats in [0, 1] or ``"pt"`` (B, 3, H, W) in [0, 1].
             return_dict: return :class:`ImagePipelineOutput` (else a tuple ``(images,)``).
+            unconditional: ``num_images_per_prompt`` images of the null prompt / null class (no prompt, no labels).
+                An empty or blank prompt is an error, so an unconditional image is never made by accident.
         """
         self.check_output_type(output_type)
         sampling = self.resolve_sampling(guidance_scale=guidance_scale, top_k=top_k, top_p=top_p,
                                          temperature=temperature, guidance_profile=guidance_profile)
-        cond, _captions = self.encode_condition(prompt, class_labels, num_images_per_prompt)
+        cond, _captions = self.encode_condition(prompt, class_labels, num_images_per_prompt, unconditional)
         batch_size = cond.batch_size
         out = generate_next_scale(
             self.transformer,

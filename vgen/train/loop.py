@@ -11,10 +11,16 @@ and the final export. Outputs of a run, under ``TrainConfig.out_dir``::
     checkpoints/latest.pt
     samples/step_0000100.png         # task.sample_grid(...)
     final/                           # task.export(EMA model if enabled, else the model)
+    .vgen-train.lock                 # held while a run trains: a second run in the folder is refused
+
+Ctrl-C (or SIGTERM) stops a run after the step it is in, with a checkpoint; a second Ctrl-C stops at once. A resumed
+run continues from the newest checkpoint that reads (a corrupt ``latest.pt`` falls back to the step files), refuses
+settings that differ from the run's (before it writes anything), and removes the ``.tmp`` files of a killed run.
 
 Exact resume: the batches of optimiser step ``s`` depend only on ``(seed, s)`` (the epoch is ``s //
 steps_per_epoch`` and resuming skips to the right position inside it), and every rank's RNG states are saved, so
-``resume=True`` continues the loss curve of an uninterrupted run (bit-exact in fp32 on CPU). Random augmentations
+``resume=True`` continues the loss curve of an uninterrupted run (bit-exact in fp32 on CPU; the running sums of a
+log interval are saved too, so a checkpoint between log steps resumes the same log). Random augmentations
 drawn inside data-loader workers are the exception: worker seeds depend on ``(seed, start step, rank)``, so those
 streams restart at the resume point.
 """
@@ -23,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -38,29 +43,40 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
+from vgen.atomic_files import remove_leftovers
 from vgen.config import save_config, to_dict
 from vgen.errors import UserError
 from vgen.train.checkpoint import (
-    LATEST,
     capture_rng_state,
+    checkpoint_files,
     load_checkpoint,
+    newest_readable_checkpoint,
     restore_rng_state,
     save_checkpoint,
     step_filename,
 )
 from vgen.distributed import (
     DistContext,
+    any_rank,
     barrier,
+    broadcast_object,
     gather_objects,
     mean_across_ranks,
     setup_distributed,
     teardown_distributed,
 )
 from vgen.train.ema import EMA
+from vgen.train.run_folder import RunLock, read_log, rewind_log
+from vgen.train.stop import StopRequest, TrainingInterrupted, ignore_interrupts
 from vgen.train.task import TrainTask
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: Seeds of a run: ``train.seed`` plus rank and step offsets must stay a 64-bit seed.
+MAX_TRAIN_SEED = 2**63
+#: ``train.`` settings a resumed run may change: they decide how long it runs and what it writes, not what it computes.
+RESUMABLE_CHANGES = ("steps", "max_seconds", "out_dir", "num_workers", "log_every", "ckpt_every", "sample_every",
+                     "keep_checkpoints")
 
 
 @dataclass
@@ -99,6 +115,15 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`UserError` for settings the loop cannot run with."""
+        for name in ("lr", "weight_decay", "grad_clip", "min_lr_ratio", "ema_decay", "max_seconds"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise UserError(f"train.{name} must be a finite number, got {value!r}")
+        if self.lr <= 0:
+            raise UserError(f"train.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise UserError(f"train.weight_decay and train.grad_clip must be >= 0 (grad_clip 0 = off), got "
+                            f"{self.weight_decay} and {self.grad_clip}")
         if self.schedule not in SCHEDULES:
             raise UserError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.precision not in PRECISIONS:
@@ -111,12 +136,14 @@ class TrainConfig:
                 raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"train.ema_decay must be in [0, 1) (0 turns EMA off), got {self.ema_decay}")
+        if not (isinstance(self.seed, int) and 0 <= self.seed < MAX_TRAIN_SEED):
+            raise UserError(f"train.seed must be an integer from 0 to {MAX_TRAIN_SEED - 1}, got {self.seed!r}")
         if self.max_seconds < 0:
             raise UserError(f"train.max_seconds must be >= 0 (0 = no limit), got {self.max_seconds}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise UserError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if len(self.betas) != 2:
-            raise UserError(f"train.betas must be two numbers, got {list(self.betas)}")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise UserError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
 
 
 def learning_rate(cfg: TrainConfig, update: int) -> float:
@@ -207,7 +234,7 @@ def step_batches(dataset: Dataset, cfg: TrainConfig, ctx: DistContext, start_ste
     """An endless iterator of (collated) batches for the steps after ``start_step``; see :class:`StepIndices`."""
     # Worker seeds come from this generator, not from the global RNG, so creating the loader (at the start or at a
     # resume point) leaves the training RNG streams untouched.
-    worker_seeds = torch.Generator().manual_seed((cfg.seed * 1_000_003 + start_step) * 4099 + ctx.rank)
+    worker_seeds = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + start_step) * 4099 + ctx.rank) % 2**64)
     loader = DataLoader(
         dataset,
         batch_size=cfg.batch_size,
@@ -216,6 +243,7 @@ def step_batches(dataset: Dataset, cfg: TrainConfig, ctx: DistContext, start_ste
         num_workers=cfg.num_workers,
         pin_memory=ctx.device.type == "cuda",
         generator=worker_seeds,
+        worker_init_fn=ignore_interrupts if cfg.num_workers > 0 else None,
     )
     return iter(loader)
 
@@ -232,6 +260,15 @@ class _RunningMeans:
             value = value.detach().float().mean() if isinstance(value, torch.Tensor) else float(value)
             self.sums[key] = self.sums.get(key, 0.0) + value
         self.count += 1
+
+    def state_dict(self) -> dict:
+        """The sums so far (on CPU), for a checkpoint taken between two log steps."""
+        sums = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in self.sums.items()}
+        return {"sums": sums, "count": self.count}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        self.sums = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in state["sums"].items()}
+        self.count = int(state["count"])
 
     def pop(self, ctx: DistContext) -> dict[str, float]:
         """Means over the interval and over ranks (every rank must have logged the same keys)."""
@@ -267,26 +304,81 @@ def _out_of_time(cfg: TrainConfig, seconds: float, ctx: DistContext) -> bool:
     return bool(flag.item())
 
 
-def _rewind_log(log_path: Path, step: int) -> None:
-    """Drop log lines past ``step`` (written after the checkpoint a resumed run restarts from)."""
-    if not log_path.is_file():
-        return
-    kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = log_path.with_name(log_path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, log_path)
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
-def _last_log_record(log_path: Path) -> dict:
-    lines = [line for line in log_path.read_text().splitlines() if line.strip()] if log_path.is_file() else []
-    return json.loads(lines[-1]) if lines else {}
+def config_changes(saved: dict, current: dict, task_changes: tuple[str, ...] = ()) -> list[str]:
+    """The settings of ``current`` that differ from the run config ``saved`` with a checkpoint, beyond those a resumed
+    run may change (:data:`RESUMABLE_CHANGES`, and the task's ``task_changes``), as ``"key: saved -> current"``."""
+    old, new = _flatten(saved), _flatten(current)
+    allowed = {f"train.{name}" for name in RESUMABLE_CHANGES} | {f"task.{name}" for name in task_changes}
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+            if key not in allowed and old.get(key) != new.get(key)]
+
+
+def _decided_on_main(ctx: DistContext, decide):
+    """Run ``decide()`` on rank 0 only and give its result to every rank; a :class:`UserError` it raises is raised on
+    every rank (so no rank waits for one that stopped)."""
+    result, error = None, None
+    if ctx.is_main:
+        try:
+            result = decide()
+        except UserError as err:
+            error = str(err)
+    result, error = broadcast_object((result, error), ctx)
+    if error is not None:
+        raise UserError(error)
+    return result
+
+
+def _prepare_run_folder(out_dir: Path, lock: RunLock, run_config: dict, resume: bool, task_changes: tuple[str, ...],
+                        say) -> tuple[Path, dict] | None:
+    """Rank 0, before anything is written: lock the folder, remove leftovers, pick the checkpoint to resume from and
+    check its settings, then write ``config.yaml`` and rewind (or start) the log. Returns ``(path, state)`` of the
+    checkpoint to resume from, or None to start at step 0."""
+    ckpt_dir, log_path = out_dir / "checkpoints", out_dir / "log.jsonl"
+    lock.acquire()
+    for path in [*remove_leftovers(out_dir), *remove_leftovers(ckpt_dir)]:
+        say(f"removed {path.name}, left by an interrupted write")
+    found = None
+    if resume:
+        found = newest_readable_checkpoint(ckpt_dir, say)
+        if found is None:
+            say(f"no checkpoint in {ckpt_dir}; starting from step 0")
+    elif checkpoint_files(ckpt_dir):
+        raise UserError(
+            f"{out_dir} already holds checkpoints of a run; pass --resume to continue it, or choose another --out"
+        )
+    if found is not None and isinstance(found[1].get("config"), dict):
+        changes = config_changes(found[1]["config"], run_config, task_changes)
+        if changes:
+            raise UserError(
+                f"{out_dir} holds a run made with other settings ({'; '.join(changes[:4])}"
+                f"{f'; {len(changes) - 4} more' if len(changes) > 4 else ''}); resume with the run's settings "
+                f"({out_dir / 'config.yaml'}), or choose another --out for a new run"
+            )
+    save_config(run_config, out_dir / "config.yaml")
+    if found is not None:
+        rewind_log(log_path, int(found[1]["step"]), say)
+    elif log_path.exists():
+        log_path.unlink()
+    return found
 
 
 def train(task: TrainTask, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train ``task``'s model with settings ``cfg``; return the metrics of the final log step.
 
     Runs as one process, or as every rank of a ``torchrun`` job (DDP; only rank 0 logs and saves). With
-    ``resume=True`` the run continues from ``out_dir/checkpoints/latest.pt`` if there is one.
+    ``resume=True`` the run continues from the newest checkpoint in ``out_dir/checkpoints`` that reads, if there is
+    one. Ctrl-C / SIGTERM stops it after the current step with a checkpoint (:class:`TrainingInterrupted`).
     """
     cfg.validate()
     ctx = setup_distributed()
@@ -297,17 +389,30 @@ def train(task: TrainTask, cfg: TrainConfig, resume: bool = False, progress: boo
 
 
 def _train(task: TrainTask, cfg: TrainConfig, ctx: DistContext, resume: bool, progress: bool) -> dict:
+    lock = RunLock(Path(cfg.out_dir))
+    try:
+        with StopRequest(lambda message: _say(message, ctx)) as stop:
+            return _train_locked(task, cfg, ctx, resume, progress, lock, stop)
+    finally:
+        lock.release()
+
+
+def _train_locked(task: TrainTask, cfg: TrainConfig, ctx: DistContext, resume: bool, progress: bool, lock: RunLock,
+                  stop: StopRequest) -> dict:
     out_dir = Path(cfg.out_dir)
     ckpt_dir, sample_dir, log_path = out_dir / "checkpoints", out_dir / "samples", out_dir / "log.jsonl"
-    latest = ckpt_dir / LATEST
-    if not resume and latest.is_file():
-        raise UserError(
-            f"{out_dir} already holds checkpoints of a run; pass --resume to continue it, or choose another --out"
-        )
     run_config = {"task": to_dict(task.cfg), "train": to_dict(cfg)}
-    if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(run_config, out_dir / "config.yaml")
+    loaded: dict = {}
+
+    def prepare() -> str | None:
+        found = _prepare_run_folder(out_dir, lock, run_config, resume, task.resumable_changes,
+                                    lambda message: _say(message, ctx))
+        if found is None:
+            return None
+        loaded[str(found[0])] = found[1]
+        return str(found[0])
+
+    resume_path = _decided_on_main(ctx, prepare)
 
     # Same seed on every rank for the initial weights; per-rank seeds for the randomness of the steps.
     torch.manual_seed(cfg.seed)
@@ -321,17 +426,13 @@ def _train(task: TrainTask, cfg: TrainConfig, ctx: DistContext, resume: bool, pr
     amp_dtype = _autocast_dtype(cfg, ctx)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     torch.manual_seed(cfg.seed + ctx.rank)
+    means = _RunningMeans()
 
     start_step, seconds_before = 0, 0.0
-    if resume and latest.is_file():
-        start_step, seconds_before = _restore(latest, model, ema, optimizer, scaler, cfg, ctx)
-        if ctx.is_main:
-            _rewind_log(log_path, start_step)
-        _say(f"resumed from {latest} at step {start_step}", ctx)
-    elif resume:
-        _say(f"no checkpoint at {latest}; starting from step 0", ctx)
-    if start_step == 0 and ctx.is_main and log_path.exists():
-        log_path.unlink()
+    if resume_path is not None:
+        state = loaded.pop(resume_path, None) or load_checkpoint(Path(resume_path))
+        start_step, seconds_before = _restore(Path(resume_path), state, model, ema, optimizer, scaler, means, cfg, ctx)
+        _say(f"resumed from {resume_path} at step {start_step}", ctx)
 
     dataset = task.build_dataset()
     batches = step_batches(dataset, cfg, ctx, start_step)
@@ -345,8 +446,10 @@ def _train(task: TrainTask, cfg: TrainConfig, ctx: DistContext, resume: bool, pr
     )
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    means = _RunningMeans()
-    last_record: dict = _last_log_record(log_path) if (ctx.is_main and start_step) else {}
+    last_record: dict = {}
+    if ctx.is_main and start_step:
+        records = read_log(log_path, lambda message: _say(message, ctx))
+        last_record = records[-1] if records else {}
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not (progress and ctx.is_main), dynamic_ncols=True)
     t0 = time.perf_counter()
 
@@ -397,8 +500,10 @@ def _train(task: TrainTask, cfg: TrainConfig, ctx: DistContext, resume: bool, pr
                 grid_path = sample_dir / step_filename(step).replace(".pt", ".png")
                 _save_sample_grid(task, ema.model if ema is not None else model, grid_path, step, autocast, ctx)
 
-            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps or out_of_time:
+            stopping = any_rank(stop.requested, ctx)
+            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps or out_of_time or stopping:
                 rng_states = gather_objects(capture_rng_state(), ctx)
+                log_sums = gather_objects(means.state_dict(), ctx)
                 if ctx.is_main:
                     state = {
                         "model": model.state_dict(),
@@ -408,10 +513,16 @@ def _train(task: TrainTask, cfg: TrainConfig, ctx: DistContext, resume: bool, pr
                         "step": step,
                         "seconds": seconds_before + time.perf_counter() - t0,
                         "rng": rng_states,
+                        "log_sums": log_sums,
                         "config": run_config,
                     }
                     save_checkpoint(state, ckpt_dir, step, cfg.keep_checkpoints)
                 barrier(ctx)
+            if stopping:
+                raise TrainingInterrupted(
+                    f"stopped at step {step} of {cfg.steps} with a checkpoint in {ckpt_dir}; run the same command "
+                    "with --resume to continue"
+                )
             if out_of_time:
                 _say(
                     f"stopping at step {step} of {cfg.steps}: train.max_seconds ({cfg.max_seconds:g} s) is spent; "
@@ -429,25 +540,29 @@ def _train(task: TrainTask, cfg: TrainConfig, ctx: DistContext, resume: bool, pr
     return last_record
 
 
-def _restore(path: Path, model, ema, optimizer, scaler, cfg: TrainConfig, ctx: DistContext) -> tuple[int, float]:
-    """Load a checkpoint into the run's objects and this rank's RNGs; return (step, seconds trained so far)."""
-    state = load_checkpoint(path)
+def _restore(path: Path, state: dict, model, ema, optimizer, scaler, means: _RunningMeans, cfg: TrainConfig,
+             ctx: DistContext) -> tuple[int, float]:
+    """Load checkpoint ``state`` (read from ``path``) into the run's objects and this rank's RNGs; return (step,
+    seconds trained so far)."""
     try:
         model.load_state_dict(state["model"])
         if ema is not None:
             ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
-    except RuntimeError as err:
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
         raise UserError(
             f"checkpoint {path} does not match the model this config builds "
             f"({str(err).splitlines()[0]}); resume with the config the run started with"
         ) from err
-    optimizer.load_state_dict(state["optimizer"])
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     step = int(state["step"])
     rng_states = state["rng"]
     if len(rng_states) == ctx.world_size:
         restore_rng_state(rng_states[ctx.rank])
+        log_sums = state.get("log_sums")
+        if log_sums is not None and len(log_sums) == ctx.world_size:
+            means.load_state_dict(log_sums[ctx.rank], ctx.device)
     else:
         torch.manual_seed(cfg.seed + ctx.rank + step)
         _say(

@@ -23,6 +23,9 @@ class TrainTask:
 
     #: dataclass holding the task's own settings; filled from the ``task:`` section of the run config.
     config_class: type = object
+    #: task settings a resumed run may change (they shape sample grids or the export, not the training); every other
+    #: setting must be the one the run started with.
+    resumable_changes: tuple[str, ...] = ()
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

@@ -87,6 +87,7 @@ class TokenizerTask(TrainTask):
     """Trains :class:`MultiScaleVQModel` on the Shapes world or an image folder."""
 
     config_class = TokenizerTaskConfig
+    resumable_changes = ("num_sample_images",)
 
     def __init__(self, cfg: TokenizerTaskConfig):
         super().__init__(cfg)

@@ -147,6 +147,8 @@ def freeze_all_but(model: nn.Module, patterns: tuple[str, ...]) -> None:
 
 class VARTask(TrainTask):
     config_class = VARTaskConfig
+    resumable_changes = ("sample_prompts", "sample_class_labels", "sample_guidance_scale", "sample_top_k",
+                         "sample_top_p", "sample_temperature", "sample_guidance_profile")
 
     def __init__(self, cfg: VARTaskConfig):
         super().__init__(cfg)
