@@ -77,11 +77,12 @@ def convert_var_official(args: argparse.Namespace) -> int:
 
 
 def convert_flowar_official(args: argparse.Namespace) -> int:
+    from vgen.cli.checks import check_output_folder
     from vgen.models.flowar_official import load_official_flowar, official_sampling_defaults, official_size_name
     from vgen.pipelines.flowar import FlowARPipeline
     from vgen.tokenizers.kl_autoencoder import load_official_kl16
 
-    out = Path(args.out)
+    out = check_output_folder(args.out, "--out")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"output folder {out} exists and is not empty; choose a new --out")
     transformer = load_official_flowar(args.flowar)
