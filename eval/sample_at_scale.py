@@ -253,8 +253,12 @@ def generate_jobs(
     return len(pending)
 
 
-def check_settings(out: Path, settings: dict) -> None:
-    """Refuse to resume into ``out`` if it was filled with different settings (the images would not form one set)."""
+def check_settings(out: Path, settings: dict, model_defaults: dict | None = None) -> None:
+    """Refuse to resume into ``out`` if it was filled with different settings (the images would not form one set).
+
+    A folder written before a setting was recorded was sampled with the model's saved value of it
+    (``model_defaults``; e.g. the temperature, which earlier versions did not pass), or, for the CFG profile, which
+    did not exist then, with VAR's ramp."""
     path = out / SETTINGS_FILE
     if path.is_file():
         try:
@@ -266,6 +270,9 @@ def check_settings(out: Path, settings: dict) -> None:
                             "unknown; delete it to resume with the current settings, or use a new --out folder")
         if "guidance_profile" in settings:  # folders from before profiles existed were sampled with VAR's ramp
             old.setdefault("guidance_profile", "ramp")
+        for name, value in (model_defaults or {}).items():
+            if name in settings:
+                old.setdefault(name, value)
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
             raise UserError(f"{out} holds samples made with other settings ({', '.join(diff)} differ); "
@@ -352,7 +359,7 @@ def run_sampling(
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if settings is not None:
-            check_settings(out, settings)
+            check_settings(out, settings, getattr(pipe, "sampling_defaults", dict)())
             write_text_atomic(out / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
         removed = remove_leftovers(out, recursive=True)
         if removed:

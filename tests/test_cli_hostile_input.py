@@ -224,10 +224,10 @@ CASES = [
     Case("--n 0", generate("--n", "0"), "argument --n: must be an integer >= 1, got 0"),
     Case("nan guidance scale", generate("--guidance-scale", "nan"), "--guidance-scale: must be a finite number"),
     Case("infinite temperature", generate("--temperature", "inf"), "--temperature: must be a finite number"),
-    Case("zero temperature", generate("--temperature", "0"), "temperature must be > 0"),
+    Case("zero temperature", generate("--temperature", "0"), "argument --temperature: must be > 0"),
     Case("nan guidance profile", generate("--guidance-profile", "nan,1,1,1,1,1,1,1,1,1"),
          "comma-separated finite numbers"),
-    Case("top-p above 1", generate("--top-p", "1.5"), "top_p must be in [0, 1]"),
+    Case("top-p above 1", generate("--top-p", "1.5"), "argument --top-p: must be in [0, 1]"),
     Case("class label out of range", generate(label="12"), "class label(s) 12 out of range"),
     Case("more images than a grid holds", generate("--n", "5000"), "too many for one grid"),
     # ---- generate: prompts

@@ -76,3 +76,29 @@ def test_diffusers_generic_loader_after_importing_the_family(var_folder):
 def test_saved_folder_names_the_registered_class(var_folder):
     index = json.loads((var_folder / "model_index.json").read_text())
     assert index["_class_name"] in PIPELINES and index["transformer"] == ["vgen.models.var", "VAR"]
+
+
+def test_cli_flags_come_from_the_declarations(var_folder):
+    import argparse
+
+    from vgen.cli import build_parser
+    from vgen.cli.sampling_flags import sampling_from_flags
+    from vgen.pipelines.registry import SamplingOption, finite_float
+
+    parser = build_parser()
+    for command in (["generate", "x"], ["sample", "--class-labels", "all"], ["eval", "geneval"]):
+        args = parser.parse_args([*command, "--temperature", "0.5", "--top-k", "3"])
+        assert (args.temperature, args.top_k, args.guidance_scale) == (0.5, 3, None)
+    pipe = VARPipeline.from_pretrained(var_folder)
+    saved, extra = sampling_from_flags(argparse.Namespace(top_k=2, more_smooth=True), pipe)
+    assert saved["top_k"] == 2 and saved["top_p"] == pipe.sampling_defaults()["top_p"] and extra == {"more_smooth": True}
+
+    class OnlyGuidance:  # a family that declares guidance alone
+        sampling_options = (SamplingOption("guidance_scale", finite_float, 1.0, "cfg"),)
+
+        def resolve_sampling(self, **given):
+            return {"guidance_scale": given.get("guidance_scale", 1.0)}
+
+    with pytest.raises(UserError, match="--top-k: not a sampling option of OnlyGuidance models; this model takes "
+                                        "--guidance-scale"):
+        sampling_from_flags(argparse.Namespace(top_k=2, guidance_scale=None), OnlyGuidance())

@@ -27,7 +27,6 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
@@ -37,6 +36,8 @@ from torch import nn
 from vgen.checkpoints import check_state_dict, read_state_dict, unwrap_state_dict
 from vgen.errors import UserError
 
+from .checks import check_image_batch
+from .codebook import all_reduce_sum_, broadcast_from_rank0_, replace_codes_, usage_percent_from_counts, world_size
 from .vq_autoencoder_blocks import Decoder, Encoder
 
 #: patch_nums of the released 256 px model and of the 512 px model that reuses the same VAE file.
@@ -239,13 +240,12 @@ class MultiScaleResidualQuantizer(nn.Module):
             f_hat_st = (f_hat.detach() - f_no_grad) + f_BChw
             if self.training:
                 self._record_hits(torch.stack(hits_SV))
-        tokens_per_step = B * sum(pn * pn for pn in self.patch_nums) * _world_size()
+        tokens_per_step = B * sum(pn * pn for pn in self.patch_nums) * world_size()
         return f_hat_st, vq_loss, self.usage_percent(tokens_per_step)
 
     @torch.no_grad()
     def _record_hits(self, hit_SV: torch.Tensor) -> None:
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(hit_SV)
+        all_reduce_sum_(hit_SV)
         if self.record_hit == 0 and not bool(self.ema_vocab_hit_SV.any()):
             self.ema_vocab_hit_SV.copy_(hit_SV)
         elif self.record_hit < 100:
@@ -257,8 +257,7 @@ class MultiScaleResidualQuantizer(nn.Module):
     def usage_percent(self, tokens_per_step: int, margin_ratio: float = 0.08) -> float:
         """Percent of codes whose EMA hit rate is at least ``margin_ratio`` times the uniform rate
         ``tokens_per_step / V`` (the official usage margin is 8 % of the uniform rate)."""
-        margin = margin_ratio * tokens_per_step / self.vocab_size
-        return float((self.codebook_usage_counts >= margin).float().mean().item() * 100)
+        return usage_percent_from_counts(self.codebook_usage_counts, tokens_per_step, margin_ratio)
 
     @torch.no_grad()
     def residuals_NC(self, f_BChw: torch.Tensor) -> torch.Tensor:
@@ -284,16 +283,11 @@ class MultiScaleResidualQuantizer(nn.Module):
         ``min_usage`` so they survive until the EMA shows whether they are picked. Under torch.distributed the
         result of rank 0 is broadcast. Returns the number of restarted codes."""
         dead_V = self.codebook_usage_counts < min_usage
-        num_dead = int(dead_V.sum().item())
-        if num_dead > 0 and f_samples_NC.shape[0] > 0:
-            weight_VC = self.embedding.weight.data
-            pick = torch.randint(0, f_samples_NC.shape[0], (num_dead,), generator=generator, device="cpu")
-            weight_VC[dead_V] = f_samples_NC[pick.to(f_samples_NC.device)].to(weight_VC)
+        num_restarted = replace_codes_(self.embedding.weight.data, dead_V, f_samples_NC, generator)
+        if num_restarted:
             self.ema_vocab_hit_SV[:, dead_V] = min_usage / self.num_scales
-        if dist.is_available() and dist.is_initialized():
-            dist.broadcast(self.embedding.weight.data, src=0)
-            dist.broadcast(self.ema_vocab_hit_SV, src=0)
-        return num_dead if f_samples_NC.shape[0] > 0 else 0
+        broadcast_from_rank0_(self.embedding.weight.data, self.ema_vocab_hit_SV)
+        return num_restarted
 
     # ----------------------------------------------------------------------------------------------- inference
     @torch.no_grad()
@@ -380,10 +374,6 @@ class MultiScaleResidualQuantizer(nn.Module):
         return f_hat, F.interpolate(f_hat, size=(pn_next, pn_next), mode="area")
 
 
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 class MultiScaleVQModel(ModelMixin, ConfigMixin):
     """VAR's VQVAE: LDM encoder/decoder, 3x3 ``quant_conv``/``post_quant_conv`` and a
     :class:`MultiScaleResidualQuantizer`. Defaults are the released ``vae_ch160v4096z32`` (256 px schedule).
@@ -431,13 +421,18 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin):
         }
         self.encoder = Encoder(**blocks)
         self.decoder = Decoder(**blocks)
-        self.quantize = MultiScaleResidualQuantizer(
+        self.quantize = self._build_quantizer(
             vocab_size, z_channels, self.patch_nums, beta=beta, using_znorm=using_znorm,
             quant_resi=quant_resi, share_quant_resi=share_quant_resi,
         )
         pad = quant_conv_ks // 2
         self.quant_conv = nn.Conv2d(z_channels, z_channels, quant_conv_ks, stride=1, padding=pad)
         self.post_quant_conv = nn.Conv2d(z_channels, z_channels, quant_conv_ks, stride=1, padding=pad)
+
+    def _build_quantizer(self, vocab_size: int, Cvae: int, patch_nums: Sequence[int], **kwargs) -> nn.Module:
+        """The residual quantizer (a subclass, e.g. the frequency-band tokenizer, returns its own; its config is
+        already registered when this runs)."""
+        return MultiScaleResidualQuantizer(vocab_size, Cvae, patch_nums, **kwargs)
 
     @property
     def resolution(self) -> int:
@@ -450,8 +445,7 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin):
         return sum(pn * pn for pn in self.patch_nums)
 
     def _check_image(self, img_B3HW: torch.Tensor, patch_nums: Sequence[int]) -> None:
-        if img_B3HW.ndim != 4:
-            raise UserError(f"expected images of shape (B, C, H, W), got {tuple(img_B3HW.shape)}")
+        check_image_batch(img_B3HW, self.config.in_channels)
         H, W = img_B3HW.shape[-2:]
         side = patch_nums[-1] * self.downsample
         if H != side or W != side:
@@ -471,6 +465,17 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin):
         self._check_image(img_B3HW, self.patch_nums)
         f_hat, vq_loss, usage_pct = self.quantize(self.img_to_f(img_B3HW))
         return self.decoder(self.post_quant_conv(f_hat.to(self.post_quant_conv.weight.dtype))), vq_loss, usage_pct
+
+    @torch.no_grad()
+    def restart_dead_codes_from_images(self, img_B3HW: torch.Tensor, threshold: float,
+                                       generator: torch.Generator | None = None) -> int:
+        """Restart every code whose EMA hit rate is below ``threshold`` x the uniform rate (tokens per step / V,
+        tokens counted over all ranks) with residual vectors of ``img_B3HW`` (:meth:`MultiScaleResidualQuantizer
+        .residuals_NC`); returns how many were restarted."""
+        samples_NC = self.quantize.residuals_NC(self.img_to_f(img_B3HW))
+        tokens_per_step = img_B3HW.shape[0] * self.num_tokens * world_size()
+        min_usage = threshold * tokens_per_step / self.vocab_size
+        return self.quantize.restart_dead_codes(samples_NC, min_usage, generator)
 
     # ----------------------------------------------------------------------------------------------- inference
     @torch.no_grad()

@@ -13,53 +13,35 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import tempfile
 from pathlib import Path
 
+from vgen import values
 from vgen.errors import UserError
+from vgen.values import MAX_SEED
 
 #: Image files the commands write, and what Pillow saves them as.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-#: Seeds are 64-bit unsigned integers (``torch.Generator.manual_seed``).
-MAX_SEED = 2**64 - 1
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    return _bounded_int(text, 1)
+def argparse_type(parse):
+    """An argparse ``type=`` from a :mod:`vgen.values` parser: its ``ValueError`` becomes an argparse error."""
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
 
 
-def nonnegative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    return _bounded_int(text, 0)
-
-
-def seed(text: str) -> int:
-    """argparse type: a seed from 0 to 2**64 - 1."""
-    return _bounded_int(text, 0, MAX_SEED)
-
-
-def _bounded_int(text: str, low: int, high: int | None = None) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text[:40]!r}") from None
-    if value < low or (high is not None and value > high):
-        bounds = f">= {low}" if high is None else f"from {low} to {high}"
-        raise argparse.ArgumentTypeError(f"must be an integer {bounds}, got {text[:40]}")
-    return value
-
-
-def finite_float(text: str) -> float:
-    """argparse type: a finite number (no nan, no inf)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text[:40]!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text[:40]}")
-    return value
+positive_int = argparse_type(values.positive_int)
+nonnegative_int = argparse_type(values.nonnegative_int)
+seed = argparse_type(values.seed)
+finite_float = argparse_type(values.finite_float)
+probability = argparse_type(values.probability)
 
 
 def check_seed_range(first_seed: int, count: int, flag: str = "--seed") -> None:

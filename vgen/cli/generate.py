@@ -29,8 +29,8 @@ SETTINGS_FILE = "generate_config.json"
 
 
 def register(subparsers) -> None:
-    from vgen.cli.checks import finite_float, nonnegative_int, positive_int, seed
-    from vgen.cli.sample import add_guidance_profile_arg
+    from vgen.cli.checks import positive_int, seed
+    from vgen.cli.sampling_flags import add_sampling_flags
 
     parser = subparsers.add_parser(
         "generate",
@@ -46,21 +46,11 @@ def register(subparsers) -> None:
                         help="images of the null prompt / null class (no prompt, no --class-label)")
     parser.add_argument("--n", type=positive_int, default=4, help="images per prompt / class label (default 4)")
     parser.add_argument("--seed", type=seed, default=0, help="image i uses seed + i (default 0)")
-    parser.add_argument("--guidance-scale", type=finite_float, default=None,
-                        help="classifier-free guidance (VAR ramp: official cfg; 0 = off; default: the model's saved "
-                             "setting, see model_index.json)")
-    parser.add_argument("--top-k", type=nonnegative_int, default=None,
-                        help="top-k filtering, 0 = off (default: the model's)")
-    parser.add_argument("--top-p", type=finite_float, default=None,
-                        help="top-p filtering, 0 = off (default: the model's)")
-    parser.add_argument("--temperature", type=finite_float, default=None,
-                        help="sampling temperature (default: the model's)")
-    add_guidance_profile_arg(parser)
-    parser.add_argument("--more-smooth", action="store_true", help="VAR's Gumbel-smoothed embeddings (visuals only)")
     parser.add_argument("--out", default=None, help="grid image path, .png/.jpg/.jpeg/.webp (default grid.png unless "
                                                     "--out-dir is given)")
     parser.add_argument("--out-dir", default=None, help="also write each image as DIR/NNNN.png")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_sampling_flags(parser)
     parser.set_defaults(func=run)
 
 
@@ -108,7 +98,7 @@ def _caption(condition, prompt_mode: bool) -> str:
     return str(condition) if prompt_mode else f"class {condition}"
 
 
-def _generate_batch(pipe, conditions: list, prompt_mode: bool, seeds: list[int], sampling: dict, more_smooth: bool):
+def _generate_batch(pipe, conditions: list, prompt_mode: bool, seeds: list[int], sampling: dict):
     """The images of one batch: image j is conditioned on ``conditions[j]`` and seeded with ``seeds[j]``."""
     import torch
 
@@ -119,11 +109,12 @@ def _generate_batch(pipe, conditions: list, prompt_mode: bool, seeds: list[int],
         condition = {"prompt": conditions}
     else:
         condition = {"class_labels": conditions}
-    return pipe(**condition, **sampling, more_smooth=more_smooth, generator=generators, output_type="pil").images
+    return pipe(**condition, **sampling, generator=generators, output_type="pil").images
 
 
 def run(args: argparse.Namespace) -> int:
     from vgen.cli.checks import check_seed_range
+    from vgen.cli.sampling_flags import sampling_from_flags
     from vgen.imaging import make_grid
     from vgen.pipelines import load_pipeline
 
@@ -134,14 +125,14 @@ def run(args: argparse.Namespace) -> int:
     grid_path, out_dir = _check_outputs(args, total)
     pipe, model_dir = load_pipeline(args.model, args.device)
     pipe.set_progress_bar_config(disable=True)
-    sampling = pipe.resolve_sampling(guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p,
-                                     temperature=args.temperature, guidance_profile=args.guidance_profile)
+    saved, extra = sampling_from_flags(args, pipe)
+    sampling = {**saved, **extra}
     if conditions[0] is not None:  # every prompt / label checked before the first image is written
         pipe.encode_condition(conditions if prompt_mode else None, None if prompt_mode else conditions, 1)
     settings = {
         "written_by": WRITER, "model": str(model_dir.resolve()), "prompt": args.prompt or None,
         "class_label": args.class_label, "unconditional": args.unconditional, "n": args.n, "seed": args.seed,
-        **sampling, "more_smooth": args.more_smooth,
+        **sampling,
     }
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -151,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     for start in range(0, total, GENERATE_BATCH):
         batch = per_image[start : start + GENERATE_BATCH]
         seeds = [args.seed + start + j for j in range(len(batch))]
-        images = _generate_batch(pipe, batch, prompt_mode, seeds, sampling, args.more_smooth)
+        images = _generate_batch(pipe, batch, prompt_mode, seeds, sampling)
         for j, image in enumerate(images):
             if out_dir is not None:
                 image.save(out_dir / f"{start + j:04d}.png")

@@ -15,54 +15,48 @@ from pathlib import Path
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    """Flags shared with ``vgen eval geneval --model``: the pipeline call's sampling knobs."""
-    from vgen.cli.checks import finite_float, nonnegative_int, positive_int, seed
+    """Flags shared with ``vgen eval geneval --model``: seeding, batch size and every declared sampling option."""
+    from vgen.cli.checks import positive_int, seed
+    from vgen.cli.sampling_flags import add_sampling_flags
 
     parser.add_argument("--seed", type=seed, default=0, help="global seed; image i uses seed + i (default 0)")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per pipeline call per process")
-    parser.add_argument("--guidance-scale", type=finite_float, default=None,
-                        help="classifier-free guidance scale (default: the model's saved setting)")
-    parser.add_argument("--top-k", type=nonnegative_int, default=None,
-                        help="top-k sampling, 0 = off (default: the model's)")
-    parser.add_argument("--top-p", type=finite_float, default=None,
-                        help="top-p (nucleus) sampling, 0 = off (default: the model's)")
-    add_guidance_profile_arg(parser)
-
-
-def add_guidance_profile_arg(parser: argparse.ArgumentParser) -> None:
-    """``--guidance-profile``: how the CFG strength is shared over the scales (also used by ``vgen generate``)."""
-    parser.add_argument(
-        "--guidance-profile", type=_guidance_profile, default=None, metavar="ramp|S1,S2,...",
-        help="CFG weight at scale k is 1 + guidance-scale x S_k: 'ramp' (VAR's, S_k = k/(K-1)) or one share per "
-        "scale, e.g. 0.5,0.75,1,1,1,0.75,0.75 (default: the model's saved profile)",
-    )
-
-
-def _guidance_profile(text: str):
-    from vgen.samplers.guidance import parse_guidance_profile
-
-    try:
-        return parse_guidance_profile(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+    add_sampling_flags(parser)
 
 
 def sampling_kwargs(args: argparse.Namespace, pipe) -> dict:
-    """The sampling flags; a flag left out takes the pipeline's own saved setting (``pipe.resolve_sampling``)."""
-    resolved = pipe.resolve_sampling(guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p,
-                                     guidance_profile=args.guidance_profile)
-    return {k: resolved[k] for k in ("guidance_scale", "top_k", "top_p", "guidance_profile")}
+    """The pipeline call's sampling arguments: every saved option of the model's family (a flag left out takes the
+    model's own setting) plus the call-only flags given."""
+    from vgen.cli.sampling_flags import sampling_from_flags
+
+    saved, extra = sampling_from_flags(args, pipe)
+    return {**saved, **extra}
 
 
-def default_out_dir(model_dir: Path, args: argparse.Namespace, sampling: dict) -> Path:
-    """A folder name that records every sampling knob, e.g. ``samples/shapes-var-seed0-cfg1.5-topk0-topp1.0-n100``
-    (``-profile0.5_1_1`` added when the CFG profile is not VAR's ramp)."""
-    cfg, top_k, top_p = sampling["guidance_scale"], sampling["top_k"], sampling["top_p"]
-    knobs = f"seed{args.seed}-cfg{cfg}-topk{top_k}-topp{top_p}-n{args.n}"
-    profile = sampling["guidance_profile"]
-    if not isinstance(profile, str):
-        knobs += "-profile" + "_".join(f"{share:g}" for share in profile)
-    return Path("samples") / f"{model_dir.name}-{knobs}"
+#: short names of sampling options in default sample-folder names (others appear under their own name)
+_KNOB_NAMES = {"guidance_scale": "cfg", "top_k": "topk", "top_p": "topp", "temperature": "temp"}
+#: options always named in the folder (the rest only when they differ from the family default)
+_ALWAYS_NAMED = ("guidance_scale", "top_k", "top_p")
+
+
+def default_out_dir(model_dir: Path, args: argparse.Namespace, sampling: dict, pipe=None) -> Path:
+    """A folder name that records every sampling knob, e.g. ``samples/shapes-var-seed0-cfg1.5-topk0-topp1.0-n100``:
+    guidance scale, top-k and top-p always (when the family has them), any other option when it differs from the
+    family default (``-profile0.5_1_1`` for a CFG profile that is not VAR's ramp, ``-temp0.8``, ``-numsteps25``); the first three keep the names earlier versions gave."""
+    knobs = [f"seed{args.seed}"]
+    defaults = {o.name: o.default for o in getattr(pipe, "sampling_options", ())}
+    defaults.setdefault("guidance_profile", "ramp")
+    for name, value in sampling.items():
+        if name not in _ALWAYS_NAMED and value == defaults.get(name, object()):
+            continue
+        if name == "guidance_profile":
+            knobs.append("profile" + "_".join(f"{share:g}" for share in value))
+        elif not isinstance(value, bool):
+            knobs.append(f"{_KNOB_NAMES.get(name, name.replace('_', ''))}{value}")
+        elif value:
+            knobs.append(name.replace("_", ""))
+    knobs.append(f"n{args.n}")
+    return Path("samples") / f"{model_dir.name}-{'-'.join(knobs)}"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -86,7 +80,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         pipe = load_pipeline(model_dir, ctx.device)
         sampling = sampling_kwargs(args, pipe)
-        out = Path(args.out) if args.out else default_out_dir(model_dir, args, sampling)
+        out = Path(args.out) if args.out else default_out_dir(model_dir, args, sampling, pipe)
         labels = parse_class_labels(args.class_labels, pipeline_num_classes(pipe)) if prompts is None else None
         n = args.n if args.n is not None else len(prompts if prompts is not None else labels)
         check_seed_range(args.seed, n)

@@ -16,48 +16,12 @@ one :class:`PipelineEntry` here.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from vgen.errors import UserError
-
-
-def finite_float(text: str | float) -> float:
-    """A float that is neither NaN nor infinite."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"must be a finite number, got {text}")
-    return value
-
-
-def non_negative_int(text: str | int) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(f"must be >= 0, got {text}")
-    return value
-
-
-def probability(text: str | float) -> float:
-    value = finite_float(text)
-    if not 0 <= value <= 1:
-        raise ValueError(f"must be in [0, 1], got {text}")
-    return value
-
-
-def positive_float(text: str | float) -> float:
-    value = finite_float(text)
-    if value <= 0:
-        raise ValueError(f"must be > 0, got {text}")
-    return value
-
-
-def positive_int(text: str | int) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"must be >= 1, got {text}")
-    return value
+from vgen.values import finite_float, nonnegative_int, positive_float, probability
 
 
 def guidance_profile(text: str | Sequence[float]) -> str | list[float]:
@@ -103,7 +67,7 @@ class SamplingOption:
 
 #: the knobs of discrete-token sampling (VAR, NFIG, raster AR)
 TOKEN_SAMPLING_OPTIONS = (
-    SamplingOption("top_k", non_negative_int, 900, "top-k filtering, 0 = off, 1 = greedy"),
+    SamplingOption("top_k", nonnegative_int, 900, "top-k filtering, 0 = off, 1 = greedy"),
     SamplingOption("top_p", probability, 0.96, "top-p (nucleus) filtering, 0 = off"),
     SamplingOption("temperature", positive_float, 1.0, "sampling temperature (> 0; use top-k 1 for greedy)"),
 )

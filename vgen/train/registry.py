@@ -27,6 +27,7 @@ from vgen.errors import UserError
 #: task name -> "module:Class" of a TrainTask subclass (imported only when the task is used).
 TASKS: dict[str, str] = {
     "tokenizer": "vgen.train.tokenizer_task:TokenizerTask",
+    "autoencoder": "vgen.train.autoencoder_task:AutoencoderTask",
     "var": "vgen.train.var_task:VARTask",
     "flowar": "vgen.train.flowar_task:FlowARTask",
     "shapes-features": "vgen.train.shapes_features_task:ShapesFeaturesTask",
