@@ -24,7 +24,6 @@ import vgen.tokenizers.kl_autoencoder  # noqa: F401
 from vgen.errors import UserError
 from vgen.models.flowar import FlowAR
 from vgen.pipelines.base import VGenPipeline, options_of
-from vgen.pipelines.registry import SamplingOption
 from vgen.samplers.flow_grids import flowar_time_grid
 from vgen.samplers.flow_transitions import EulerODE
 from vgen.samplers.flow_units import generate_flow_units
@@ -120,12 +119,3 @@ class FlowARPipeline(VGenPipeline):
             return latents
         images = self.vae.decode_latents(latents.to(self.vae.dtype)).float().add(1).mul(0.5)
         return self.images_output(images, output_type, return_dict)
-
-    def check_option(self, option: SamplingOption, value):
-        value = super().check_option(option, value)
-        if option.name == "num_steps":
-            try:
-                flowar_time_grid(value)
-            except ValueError as err:
-                raise UserError(f"num_steps {value}: {err}") from None
-        return value

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vgen.errors import UserError
-from vgen.values import finite_float, nonnegative_int, positive_float, probability
+from vgen.values import bounded_int, finite_float, nonnegative_int, positive_float, probability
 
 
 def guidance_profile(text: str | Sequence[float]) -> str | list[float]:
@@ -84,13 +84,19 @@ VAR_OPTIONS = (
                    saved=False, flag=True),
 )
 
+
+def flow_grid_steps(text) -> int:
+    """Steps of FlowAR's time grid: an integer >= 2 (its two pieces need one step each)."""
+    return bounded_int(text, 2)
+
+
 #: the knobs of FlowAR's flow sampling (Euler ODE per scale, CFG ramp over the scales with a flow-time interval)
 FLOWAR_OPTIONS = (
     SamplingOption("guidance_scale", finite_float, 2.4,
                    "classifier-free guidance weight at the last scale (FlowAR's ramp from 1 at the first; 1 = off)"),
     SamplingOption("guidance_interval", probability, 0.9,
                    "guidance only at flow times t <= this value (t = 1 is noise; official 0.9, FlowAR-H 0.7)"),
-    SamplingOption("num_steps", positive_int, 25,
+    SamplingOption("num_steps", flow_grid_steps, 25,
                    "flow steps per scale on FlowAR's grid (25: 24 non-uniform Euler steps; 50: uniform)"),
 )
 
