@@ -13,6 +13,8 @@ from vgen.cli import OneLineErrorParser
 
 TARGETS = {
     "kernels": ("vgen.eval.bench_kernels", "compressed-KV-cache kernels vs torch SDPA and copy bandwidth (CUDA)"),
+    "sample": ("vgen.eval.bench_sample", "sampling speed of any saved pipeline: images/s per batch size, forwards "
+               "per image, peak memory"),
     "next-token": ("vgen.eval.bench_next_token",
                    "next-token pipelines (raster AR, Token-Shuffle windows) against the first one: images/s ratios"),
     "speculative": ("vgen.eval.bench_speculative",

@@ -3,6 +3,7 @@
     vgen convert var-official --vae vae_ch160v4096z32.pth --var var_d16.pth --out var-d16
     vgen generate --model var-d16 --class-label 207
     vgen convert llamagen-official --vq vq_ds16_c2i.pt --gpt c2i_B_256.pt --out llamagen-b
+    vgen convert flowar-official --vae kl16.ckpt --flowar FlowAR-S.pth --out flowar-s
 """
 
 from __future__ import annotations
@@ -30,6 +31,20 @@ def register(subparsers) -> None:
     var.add_argument("--num-classes", type=int, default=None,
                      help="expected number of classes (checked against the checkpoint; ImageNet: 1000)")
     var.set_defaults(func=convert_var_official)
+    flowar = kinds.add_parser(
+        "flowar-official",
+        help="official FlowAR (OliverRensu/FlowAR): MAR's kl16.ckpt + FlowAR-{S,L,H}.pth -> FlowARPipeline folder",
+        description="Convert official FlowAR checkpoints (MAR's KL-16 autoencoder and a FlowAR-S/L/H state dict) "
+        "into a FlowARPipeline folder with the official README's sampling settings for that size. Missing or "
+        "unexpected keys are listed.",
+    )
+    flowar.add_argument("--vae", required=True, help="MAR's KL-16 autoencoder (kl16.ckpt)")
+    flowar.add_argument("--flowar", required=True,
+                        help="official FlowAR file (FlowAR-S.pth, FlowAR-L.pth, FlowAR-H.pth)")
+    flowar.add_argument("--out", required=True, help="output pipeline folder")
+    flowar.add_argument("--num-classes", type=int, default=None,
+                        help="expected number of classes (checked against the checkpoint; ImageNet: 1000)")
+    flowar.set_defaults(func=convert_flowar_official)
     register_llamagen(kinds)
 
 
@@ -121,4 +136,31 @@ def convert_var_official(args: argparse.Namespace) -> int:
     pipe.save_pretrained(str(out))
     print(f"wrote {out}: VAR depth {cfg.depth} (width {cfg.embed_dim}, {cfg.num_classes} classes, "
           f"{'shared' if cfg.shared_aln else 'per-block'} AdaLN), VQVAE vocabulary {vqvae.vocab_size}")
+    return 0
+
+
+def convert_flowar_official(args: argparse.Namespace) -> int:
+    from vgen.cli.checks import check_output_folder
+    from vgen.models.flowar_official import load_official_flowar, official_sampling_defaults, official_size_name
+    from vgen.pipelines.flowar import FlowARPipeline
+    from vgen.tokenizers.kl_autoencoder import load_official_kl16
+
+    out = check_output_folder(args.out, "--out")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"output folder {out} exists and is not empty; choose a new --out")
+    transformer = load_official_flowar(args.flowar)
+    cfg = transformer.config
+    if args.num_classes is not None and cfg.num_classes != args.num_classes:
+        raise UserError(f"--num-classes {args.num_classes} does not match the checkpoint, which has "
+                        f"{cfg.num_classes} classes")
+    vae = load_official_kl16(args.vae)
+    defaults = official_sampling_defaults(transformer)
+    pipe = FlowARPipeline(vae=vae, transformer=transformer, text_encoder=None,
+                          **{f"default_{name}": value for name, value in defaults.items()})
+    pipe.save_pretrained(str(out))
+    size = official_size_name(cfg) or "a non-released size"
+    print(f"wrote {out}: FlowAR ({size}: {cfg.encoder_depth}+{cfg.decoder_depth} blocks of width "
+          f"{cfg.encoder_embed_dim}, {cfg.flow_head} flow head {cfg.flow_depth} x {cfg.flow_width}, "
+          f"{cfg.num_classes} classes, {pipe.resolution} px), sampling defaults "
+          + ", ".join(f"{k}={v}" for k, v in defaults.items()))
     return 0

@@ -220,6 +220,22 @@ VIDEO_OPTIONS = (
 )
 
 
+def flow_grid_steps(text) -> int:
+    """Steps of FlowAR's time grid: an integer >= 2 (its two pieces need one step each)."""
+    return bounded_int(text, 2)
+
+
+#: the knobs of FlowAR's flow sampling (Euler ODE per scale, CFG ramp over the scales with a flow-time interval)
+FLOWAR_OPTIONS = (
+    SamplingOption("guidance_scale", finite_float, 2.4,
+                   "classifier-free guidance weight at the last scale (FlowAR's ramp from 1 at the first; 1 = off)"),
+    SamplingOption("guidance_interval", probability, 0.9,
+                   "guidance only at flow times t <= this value (t = 1 is noise; official 0.9, FlowAR-H 0.7)"),
+    SamplingOption("num_steps", flow_grid_steps, 25,
+                   "flow steps per scale on FlowAR's grid (25: 24 non-uniform Euler steps; 50: uniform)"),
+)
+
+
 @dataclass(frozen=True)
 class PipelineEntry:
     """Where a pipeline class lives (``"module:Class"``), the family's name for help texts, and its options."""
@@ -234,6 +250,7 @@ PIPELINES: dict[str, PipelineEntry] = {
     "RasterARPipeline": PipelineEntry("vgen.pipelines.raster_ar:RasterARPipeline", "raster AR",
                                       RASTER_AR_OPTIONS),
     "VideoPipeline": PipelineEntry("vgen.pipelines.video:VideoPipeline", "video", VIDEO_OPTIONS),
+    "FlowARPipeline": PipelineEntry("vgen.pipelines.flowar:FlowARPipeline", "FlowAR", FLOWAR_OPTIONS),
 }
 
 

@@ -31,6 +31,7 @@ TASKS: dict[str, str] = {
     "var": "vgen.train.var_task:VARTask",
     "raster-ar": "vgen.train.raster_ar_task:RasterARTask",
     "latent-upsampler": "vgen.train.latent_upsampler_task:LatentUpsamplerTask",
+    "flowar": "vgen.train.flowar_task:FlowARTask",
     "shapes-features": "vgen.train.shapes_features_task:ShapesFeaturesTask",
     "video": "vgen.train.video_task:VideoTask",
 }
