@@ -216,3 +216,25 @@ def test_a_folder_whose_tokenizer_was_swapped_fails_in_one_line(nfig_dir, tmp_pa
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "codebook size 32 vs 64" in lines[0] and "Traceback" not in lines[0]
     assert not (tmp_path / "g.png").exists()
+
+
+def test_the_comparison_config_builds_the_same_transformer_on_both_tokenizers(tmp_path):
+    # configs/shapes/var_nfig_compare.yaml: one transformer config, only task.tokenizer differs between the VAR and
+    # the NFIG run; the two compare tokenizers share codebook, latent and parameter count.
+    from conftest import REPO_ROOT
+    from vgen.train.registry import load_run_config, load_task
+
+    shapes = REPO_ROOT / "configs" / "shapes"
+    transformers = {}
+    for kind in ("msvq", "frvae"):
+        tok_cfg, _ = load_run_config("tokenizer", shapes / f"{kind}_compare.yaml")
+        load_task("tokenizer")(tok_cfg).build_model().save_pretrained(tmp_path / kind)
+        var_cfg, train_cfg = load_run_config("var", shapes / "var_nfig_compare.yaml",
+                                             [f"task.tokenizer={tmp_path / kind}"])
+        task = VARTask(var_cfg)
+        assert type(task.vqvae).__name__ == {"msvq": "MultiScaleVQModel", "frvae": "FrequencyVQModel"}[kind]
+        transformers[kind] = task.build_model().transformer
+    shapes_of = {kind: {k: v.shape for k, v in m.state_dict().items()} for kind, m in transformers.items()}
+    assert shapes_of["msvq"] == shapes_of["frvae"]
+    assert transformers["frvae"].patch_nums == (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    assert train_cfg.steps > 0 and train_cfg.precision == "fp32"

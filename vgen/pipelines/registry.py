@@ -95,7 +95,8 @@ class PipelineEntry:
 
 
 PIPELINES: dict[str, PipelineEntry] = {
-    "VARPipeline": PipelineEntry("vgen.pipelines.var:VARPipeline", "VAR", VAR_OPTIONS),
+    # NFIG is this pipeline with the frequency-band tokenizer (vqvae: FrequencyVQModel), hence the same options
+    "VARPipeline": PipelineEntry("vgen.pipelines.var:VARPipeline", "VAR/NFIG", VAR_OPTIONS),
 }
 
 
