@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from diffusers import ModelMixin  # noqa: F401 - see below
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
@@ -42,6 +43,10 @@ from .frequency_bands import (
     token_share_band_edges,
 )
 from .msvq import PATCH_NUMS_256, MultiScaleResidualQuantizer, MultiScaleVQModel
+
+# diffusers' pipeline loader finds how to load a saved component by looking its base classes up by name in the
+# component's own module (``getattr(vgen.tokenizers.frvae, "ModelMixin")``): without the import above, a pipeline
+# folder holding this tokenizer would not load.
 
 
 class FrequencyResidualQuantizer(MultiScaleResidualQuantizer):

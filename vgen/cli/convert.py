@@ -113,12 +113,7 @@ def convert_var_official(args: argparse.Namespace) -> int:
             f"{transformer.config.num_classes} classes"
         )
     vqvae = load_official_var_vae(args.vae, patch_nums=tuple(transformer.config.patch_nums))
-    if vqvae.vocab_size != transformer.config.vocab_size or vqvae.Cvae != transformer.config.Cvae:
-        raise UserError(
-            f"the VQVAE (vocabulary {vqvae.vocab_size}, code dim {vqvae.Cvae}) does not fit the VAR transformer "
-            f"(vocabulary {transformer.config.vocab_size}, code dim {transformer.config.Cvae}); "
-            "pass the VQVAE the transformer was trained with"
-        )
+    # the pipeline checks that the VQVAE fits the transformer (vgen.pipelines.next_scale_tokenizer)
     pipe = VARPipeline(vqvae=vqvae, transformer=transformer, text_encoder=None)
     cfg = transformer.config
     pipe.model_card = ModelCardInfo(

@@ -246,7 +246,8 @@ class PipelineEntry:
 
 
 PIPELINES: dict[str, PipelineEntry] = {
-    "VARPipeline": PipelineEntry("vgen.pipelines.var:VARPipeline", "VAR", VAR_OPTIONS),
+    # NFIG is this pipeline with the frequency-band tokenizer (vqvae: FrequencyVQModel), hence the same options
+    "VARPipeline": PipelineEntry("vgen.pipelines.var:VARPipeline", "VAR/NFIG", VAR_OPTIONS),
     "RasterARPipeline": PipelineEntry("vgen.pipelines.raster_ar:RasterARPipeline", "raster AR",
                                       RASTER_AR_OPTIONS),
     "VideoPipeline": PipelineEntry("vgen.pipelines.video:VideoPipeline", "video", VIDEO_OPTIONS),

@@ -27,18 +27,21 @@ import torch
 # The component modules are imported here, not only where they are used: diffusers loads a saved component only from
 # a module that is already imported, so `VARPipeline.from_pretrained(dir)` must work in a fresh process.
 import vgen.models.text_encoder  # noqa: F401
+import vgen.tokenizers.frvae  # noqa: F401
 import vgen.tokenizers.msvq  # noqa: F401
 from vgen.errors import UserError
 from vgen.models.var import VAR
 from vgen.pipelines.base import VGenPipeline, options_of
+from vgen.pipelines.next_scale_tokenizer import check_tokenizer_fits
 from vgen.pipelines.registry import SamplingOption
 from vgen.samplers.guidance import RAMP, GuidanceSchedule, check_profile, schedule_from_profile
 from vgen.samplers.next_scale import TokenSampling, generate_next_scale
 
 
 class VARPipeline(VGenPipeline):
-    """Components: ``vqvae`` (:class:`vgen.tokenizers.msvq.MultiScaleVQModel`), ``transformer``
-    (:class:`vgen.models.var.VAR`) and, for text models, ``text_encoder`` (e.g.
+    """Components: ``vqvae`` (:class:`vgen.tokenizers.msvq.MultiScaleVQModel`, or NFIG's frequency-band
+    :class:`vgen.tokenizers.frvae.FrequencyVQModel`: an NFIG pipeline is this class with that tokenizer),
+    ``transformer`` (:class:`vgen.models.var.VAR`) and, for text models, ``text_encoder`` (e.g.
     :class:`vgen.models.text_encoder.ShapesTextEncoder`; anything implementing
     :class:`vgen.models.text_encoder.TextEncoder`)."""
 
@@ -61,6 +64,7 @@ class VARPipeline(VGenPipeline):
         default_guidance_profile: str | Sequence[float] = RAMP,
     ):
         super().__init__()
+        check_tokenizer_fits(vqvae, transformer)
         self.register_modules(vqvae=vqvae, transformer=transformer, text_encoder=text_encoder)
         # The model's own sampling settings (saved in model_index.json): what a call uses for knobs left at None.
         # The defaults are official VAR's ImageNet settings; a trained model stores the ones it was measured with.

@@ -3,6 +3,10 @@
     vgen train tokenizer --config configs/shapes/tokenizer.yaml --out runs/tokenizer_shapes
     vgen train var --config configs/shapes/var_text.yaml --out runs/var_shapes_text
 
+The tokenizer is VAR's multi-scale VQ or NFIG's frequency-band FR-VAE (``task.kind: frvae`` of ``vgen train
+tokenizer``): with the latter the same transformer learns next-frequency prediction, scale si being band si, and the
+export is an NFIG pipeline (a :class:`~vgen.pipelines.var.VARPipeline` whose ``vqvae`` is the FR-VAE).
+
 Loss (official VAR recipe): cross-entropy of the teacher-forced logits against the next-scale indices, every token
 weighted 1/L; the indices and the teacher-forcing input come from the frozen tokenizer on the fly
 (``img_to_idxBl`` -> ``quantize.idxBl_to_var_input``, under ``no_grad``). Conditions are dropped to the null class /
@@ -40,7 +44,8 @@ WORLDS = ("shapes", "folder")
 class VARTaskConfig:
     """The ``task:`` section of a VAR run config (``configs/shapes/var_text.yaml``)."""
 
-    #: trained tokenizer folder (``MultiScaleVQModel.save_pretrained``, e.g. runs/tokenizer_shapes/final)
+    #: trained next-scale tokenizer folder (``save_pretrained`` of VAR's ``MultiScaleVQModel`` or NFIG's
+    #: ``FrequencyVQModel``, e.g. runs/tokenizer_shapes/final): the transformer predicts its scales / bands
     tokenizer: str = ""
     #: a saved pipeline folder (``final/`` of an earlier run) whose transformer and text encoder weights start this
     #: run (fine-tuning with a fresh optimiser and schedule); its sizes must match this config. "" = random init.
@@ -164,6 +169,8 @@ class VARTask(TrainTask):
     # -- pieces ----------------------------------------------------------------------------------------------
 
     def _load_tokenizer(self):
+        from vgen.pipelines.next_scale_tokenizer import NEXT_SCALE_TOKENIZERS
+        from vgen.tokenizers.loading import tokenizer_class_of
         from vgen.tokenizers.msvq import MultiScaleVQModel
 
         path = Path(self.cfg.tokenizer) if self.cfg.tokenizer else None
@@ -172,7 +179,15 @@ class VARTask(TrainTask):
                 f"task.tokenizer must be a trained tokenizer folder (config.json + weights), got {self.cfg.tokenizer!r}; "
                 "train one with 'vgen train tokenizer' and pass its final/ folder"
             )
-        vqvae = MultiScaleVQModel.from_pretrained(str(path), low_cpu_mem_usage=False).eval().requires_grad_(False)
+        # the class saved in config.json: VAR's multi-scale VQ or NFIG's frequency-band VQ (its subclass, whose
+        # band edges a MultiScaleVQModel load would silently drop)
+        tokenizer_class = tokenizer_class_of(path)
+        if not issubclass(tokenizer_class, MultiScaleVQModel):
+            raise UserError(
+                f"task.tokenizer {path} holds a {tokenizer_class.__name__}; vgen train var needs a next-scale "
+                f"tokenizer, a {NEXT_SCALE_TOKENIZERS} (vgen train tokenizer with task.kind msvq or frvae)"
+            )
+        vqvae = tokenizer_class.from_pretrained(str(path), low_cpu_mem_usage=False).eval().requires_grad_(False)
         if vqvae.resolution != self.cfg.resolution:
             raise UserError(
                 f"task.resolution is {self.cfg.resolution} but the tokenizer at {path} expects {vqvae.resolution} px "
