@@ -142,6 +142,10 @@ def test_same_keys_and_api_as_var_tokenizer(tmp_path):
         fr.img_to_idxBl(torch.zeros(1, 3, 8, 8), patch_nums=(1, 2, 4))
     with pytest.raises(UserError, match="same_shape=True"):
         fr.idxBl_to_img(idx_Bl, same_shape=False)
+    with pytest.raises(UserError, match="takes 3-channel images, got 1 channels"):
+        fr.img_to_idxBl(torch.zeros(1, 1, RES, RES))
+    with pytest.raises(UserError, match="expects 12x12 images"):
+        fr.img_to_idxBl(torch.zeros(1, 3, 16, 16))
 
 
 def test_var_input_matches_step_by_step_decoding():
