@@ -41,6 +41,7 @@ from vgen.samplers.flow_transitions import EulerODE, FlowIntegrator
 from vgen.samplers.guidance import GuidanceSchedule, WeightRampCFG, guidance_is_off
 from vgen.samplers.logits import Generators
 from vgen.samplers.noise import per_sample_normal
+from vgen.samplers.step_end import StepEnd
 
 
 @dataclass
@@ -87,6 +88,7 @@ def generate_flow_units(
     on_step: UnitStepCallback | None = None,
     on_unit: UnitCallback | None = None,
     progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
+    on_step_end: StepEnd | None = None,
 ) -> FlowUnitsOutput:
     """Generate ``batch_size`` images (or videos) unit by unit.
 
@@ -106,6 +108,11 @@ def generate_flow_units(
         record: return every unit's noise and trajectory.
         on_step, on_unit: see :data:`UnitStepCallback`, :data:`UnitCallback`.
         progress: wraps the unit iterator (e.g. a pipeline's ``progress_bar``).
+        on_step_end: called once unit ``k`` is integrated (after ``on_unit``) as ``on_step_end(k, k, tensors)`` with
+            ``x_clean`` (B, *unit_shapes[k]) float32, the clean unit, and ``velocity`` (B, *unit_shapes[k]) float32,
+            the (guided) velocity of its last integration step. A returned replacement of ``x_clean`` is kept and
+            committed instead (the later units condition on it); the loop stops after the unit when
+            ``on_step_end.interrupted``, returning the units made so far (see :mod:`vgen.samplers.step_end`).
     """
     unit_shapes = [tuple(shape) for shape in model.unit_shapes]
     num_units = len(unit_shapes)
@@ -135,6 +142,8 @@ def generate_flow_units(
             lambda x_t, t_R, k=k, unit_cond=unit_cond: model.velocity(k, x_t, t_R, unit_cond), use_cfg, guidance
         )
         step_cb = None if on_step is None else (lambda i, t, x, k=k: on_step(k, i, t, x))
+        if on_step_end is not None:
+            field_fn, last_velocity = _remembering_last(field_fn)
         result = integrate_flow(
             field_fn,
             initial,
@@ -150,13 +159,32 @@ def generate_flow_units(
             replaced = on_unit(k, x_clean)
             if replaced is not None:
                 x_clean = replaced.float()
+        if on_step_end is not None:
+            velocity = last_velocity()[:batch_size].float()
+            tensors = on_step_end(k, k, {"x_clean": x_clean, "velocity": velocity})
+            if tensors["x_clean"] is not x_clean:
+                x_clean = tensors["x_clean"].to(x_clean.device, torch.float32)
         out.units.append(x_clean)
         if record:
             out.noises.append(UnitNoise(initial=initial, step_noise=result.step_noise))
             out.trajectories.append(result.trajectory)
+        if on_step_end is not None and on_step_end.interrupted:
+            break
         if k + 1 < num_units:
             unit_cond = model.commit(k, torch.cat([x_clean, x_clean]) if use_cfg else x_clean, state)
     return out
+
+
+def _remembering_last(field_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+    """``field_fn`` that keeps the velocity it returned last, and a function giving that velocity (R, ...)."""
+    last: list[torch.Tensor] = []
+
+    def field(x: torch.Tensor, t_cur: torch.Tensor) -> torch.Tensor:
+        v = field_fn(x, t_cur)
+        last[:] = [v]
+        return v
+
+    return field, lambda: last[0]
 
 
 def _grids_per_unit(time_grid: torch.Tensor | Sequence[torch.Tensor], num_units: int) -> list[torch.Tensor]:

@@ -135,7 +135,7 @@ def generate_next_scale(
         if on_step_end is not None:
             tensors = on_step_end(si, pn, {"idx_Bl": idx_Bl, "f_hat": f_hat, "logits_BlV": logits_BlV})
             if tensors["idx_Bl"] is not idx_Bl:
-                idx_Bl = _checked_tokens(tensors["idx_Bl"], idx_Bl, codebook_VC.shape[0])
+                idx_Bl = checked_replacement_tokens(tensors["idx_Bl"], idx_Bl, codebook_VC.shape[0], "idx_Bl")
                 h_BChw = rearrange(quantizer.embedding(idx_Bl), "B (h w) C -> B C h w", h=pn, w=pn).to(f_hat.dtype)
                 f_hat, next_input = quantizer.get_next_autoregressive_input(si, num_scales, f_before, h_BChw)
         all_idx.append(idx_Bl)
@@ -149,11 +149,13 @@ def generate_next_scale(
     return NextScaleOutput(idx_Bl=all_idx, f_hat=f_hat, logits_BlV=all_logits)
 
 
-def _checked_tokens(replaced: torch.Tensor, sampled_Bl: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """A callback's replacement tokens for a scale: integers in [0, V) on the sampled tokens' device."""
+def checked_replacement_tokens(replaced: torch.Tensor, sampled: torch.Tensor, vocab_size: int,
+                               name: str) -> torch.Tensor:
+    """A callback's replacement ``name`` for a step's sampled token ids: integers in [0, V) on their device (the
+    next-scale and next-token loops both check replacements with it)."""
     if replaced.is_floating_point() or replaced.is_complex():
-        raise UserError(f"a callback's replacement idx_Bl must hold integer token ids, got {replaced.dtype}")
-    replaced = replaced.to(device=sampled_Bl.device, dtype=torch.long)
+        raise UserError(f"a callback's replacement {name} must hold integer token ids, got {replaced.dtype}")
+    replaced = replaced.to(device=sampled.device, dtype=torch.long)
     if replaced.numel() and (int(replaced.min()) < 0 or int(replaced.max()) >= vocab_size):
-        raise UserError(f"a callback's replacement idx_Bl holds token ids outside [0, {vocab_size})")
+        raise UserError(f"a callback's replacement {name} holds token ids outside [0, {vocab_size})")
     return replaced

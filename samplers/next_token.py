@@ -24,17 +24,24 @@ import torch
 from vgen.samplers.guidance import ConstantCFG, GuidanceSchedule, combine_cfg_difference
 from vgen.samplers.interfaces import NextTokenModel
 from vgen.samplers.logits import Generators, per_sample_uniform, sample_from_logits
-from vgen.samplers.next_scale import TokenSampling
+from vgen.samplers.next_scale import TokenSampling, checked_replacement_tokens
+from vgen.samplers.step_end import StepEnd
+
+#: what ``units_BNk`` / ``tokens_BL`` hold for the codes of steps an interrupted loop did not make
+NOT_MADE = -1
 
 
 @dataclass
 class NextTokenOutput:
     """``tokens_BL``: raster-order code ids (B, L) for the tokenizer; ``units_BNk``: the same codes per step
-    (B, N, k); ``logits_BNkV``: the guided, unfiltered float32 logits of every step when asked for (else None)."""
+    (B, N, k); ``logits_BNkV``: the guided, unfiltered float32 logits of every step when asked for (else None).
+    ``steps_made``: N, or fewer when ``on_step_end`` interrupted the loop; the codes of the steps not made are
+    :data:`NOT_MADE` (-1)."""
 
     tokens_BL: torch.Tensor
     units_BNk: torch.Tensor
     logits_BNkV: torch.Tensor | None = None
+    steps_made: int = 0
 
 
 def guidance_weights(schedule: GuidanceSchedule, guidance_scale: float, num_steps: int) -> list[float]:
@@ -54,6 +61,7 @@ def generate_next_token(
     forced_units_BMk: torch.Tensor | None = None,
     progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
     keep_logits: bool = False,
+    on_step_end: StepEnd | None = None,
 ) -> NextTokenOutput:
     """Generate ``batch_size`` images' codes.
 
@@ -70,6 +78,12 @@ def generate_next_token(
             prefix, e.g. inpainting the top rows or tokens drafted elsewhere).
         progress: wraps the step iterator (e.g. a pipeline's ``progress_bar``).
         keep_logits: also return the guided, unfiltered logits of every step (B, N, k, V) (tests, verifiers).
+        on_step_end: called once step ``step`` is sampled as ``on_step_end(step, step, tensors)`` with ``unit_Bk``
+            (B, k) int64, the step's codes (one code, or a Token-Shuffle window's s^2 codes in raster order inside
+            the window), and ``logits_BkV`` (B, k, V) float32, the guided logits before filtering. A returned
+            replacement of ``unit_Bk`` is used instead of the sampled codes (it is what the next steps condition
+            on); the loop stops after the step when ``on_step_end.interrupted``, the codes of later steps left at
+            :data:`NOT_MADE` (see :mod:`vgen.samplers.step_end`).
     """
     schedule = guidance_schedule if guidance_schedule is not None else ConstantCFG()
     sampling = sampling if sampling is not None else TokenSampling()
@@ -91,10 +105,11 @@ def generate_next_token(
     device = logits_RkV.device
     uniform_BNk = per_sample_uniform((batch_size, N, k), generators, device)
 
-    units_BNk = torch.empty(batch_size, N, k, dtype=torch.long, device=device)
+    units_BNk = torch.full((batch_size, N, k), NOT_MADE, dtype=torch.long, device=device)
     all_logits = logits_RkV.new_empty(batch_size, N, k, logits_RkV.shape[-1]) if keep_logits else None
     rows = logits_RkV.shape[0]
     steps = progress(range(N)) if progress is not None else range(N)
+    steps_made = 0
     for step in steps:
         logits_BkV = logits_RkV.float()
         if rows > batch_size:
@@ -106,13 +121,20 @@ def generate_next_token(
         else:
             unit_Bk, _ = sample_from_logits(logits_BkV, top_k=sampling.top_k, top_p=top_p,
                                             temperature=sampling.temperature, uniform_Bl=uniform_BNk[:, step])
+        if on_step_end is not None:
+            tensors = on_step_end(step, step, {"unit_Bk": unit_Bk, "logits_BkV": logits_BkV})
+            if tensors["unit_Bk"] is not unit_Bk:
+                unit_Bk = checked_replacement_tokens(tensors["unit_Bk"], unit_Bk, logits_BkV.shape[-1], "unit_Bk")
         units_BNk[:, step] = unit_Bk
-        if step + 1 == N:
+        steps_made = step + 1
+        if on_step_end is not None and on_step_end.interrupted:
             break
+        if step + 1 == N:
+            continue  # the last unit needs no decode pass; not breaking lets a progress bar reach its end
         if rows > batch_size and step >= last_guided:  # no later step is guided: the unconditional rows go
             state.select(torch.arange(batch_size))
             rows = batch_size
         unit_R1k = (unit_Bk if rows == batch_size else unit_Bk.repeat(2, 1))[:, None]
         logits_RkV = model.decode(unit_R1k, state)[:, 0]
         state.cache.commit()
-    return NextTokenOutput(model.to_raster(units_BNk), units_BNk, all_logits)
+    return NextTokenOutput(model.to_raster(units_BNk), units_BNk, all_logits, steps_made)
