@@ -11,11 +11,18 @@ noise (t = 1) to the scale's tokens (t = 0) on FlowAR's time grid, classifier-fr
 the scales (weight 1 at the first, ``guidance_scale`` at the last) applied only while ``t <= guidance_interval``;
 then the autoencoder decodes the last scale. With ``num_steps=25, guidance_interval=0.9`` and the official cfg this
 is official FlowAR's ``sample_tokens`` + ``vae.decode``, except that noise comes from one generator per image.
+
+diffusers conventions (from :class:`vgen.pipelines.base.VGenPipeline`): one step per scale for
+``callback_on_step_end`` (tensors ``x_clean``, the scale's clean tokens, replaceable, and ``velocity``, read-only;
+see :meth:`FlowARPipeline.__call__`), ``pipe._interrupt = True``, ``output_type="latent"`` (the scaled latents
+(B, C, h, w) the autoencoder decodes; ``decode_latents`` turns them into the images), ``unconditional=True`` and
+``set_progress_bar_config`` (a bar over the scales).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # The component modules are imported here, not only where they are used: diffusers loads a saved component only from
 # a module that is already imported, so `FlowARPipeline.from_pretrained(dir)` must work in a fresh process.
@@ -48,6 +55,14 @@ class FlowARPipeline(VGenPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _optional_components = ["text_encoder"]
     sampling_options = options_of("FlowARPipeline")
+    _callback_tensor_inputs = ["x_clean", "velocity"]
+    _callback_writable_tensor_inputs = ("x_clean",)
+    _default_callback_tensor_inputs = ("x_clean",)
+    latent_description = (
+        "the latents (B, C, h, w) float32 the autoencoder decodes, already multiplied by its scale_factor (an "
+        "interrupted call gives the last scale it made, at that scale's side); pipe.decode_latents(latents) decodes "
+        "them."
+    )
 
     def __init__(self, vae, transformer: FlowAR, text_encoder=None, default_guidance_scale: float = 2.4,
                  default_guidance_interval: float = 0.9, default_num_steps: int = 25):
@@ -62,6 +77,22 @@ class FlowARPipeline(VGenPipeline):
     def resolution(self) -> int:
         """Side of the images this pipeline makes: the latent side times the autoencoder's downsampling."""
         return self.transformer.latent_side * self.vae.downsample
+
+    def latents_to_images(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, h, w) of ``output_type="latent"`` -> images (B, 3, H, W) in [0, 1]. The latent of a coarser
+        scale (an interrupted call) is first brought to the full latent grid by bicubic interpolation, as FlowAR
+        itself carries a scale to the next, so every image has the pipeline's resolution."""
+        model = self.transformer
+        sides = [s * model.config.patch_size for s in model.scales]
+        C = model.config.latent_channels
+        if latents.ndim != 4 or latents.shape[1] != C or latents.shape[2] != latents.shape[3] \
+                or latents.shape[2] not in sides:
+            raise UserError(f"latents must be (B, {C}, h, h) with h one of the scales' sides "
+                            f"{', '.join(map(str, sides))}, got {tuple(latents.shape)}")
+        latents = latents.to(self.vae.device, torch.float32)
+        if latents.shape[2] != model.latent_side:
+            latents = F.interpolate(latents, size=(model.latent_side, model.latent_side), mode="bicubic")
+        return self.vae.decode_latents(latents.to(self.vae.dtype)).float().add(1).mul(0.5)
 
     # -- generation ----------------------------------------------------------------------------------------------
 
@@ -78,6 +109,9 @@ class FlowARPipeline(VGenPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         return_latents: bool = False,
+        unconditional: bool = False,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ):
         """Generate images.
 
@@ -93,15 +127,33 @@ class FlowARPipeline(VGenPipeline):
                 [0.25, 0] (25 -> 24 Euler steps per scale); 50 -> 50 uniform steps.
                 Every knob left at None takes the model's saved setting (:meth:`sampling_defaults`).
             generator: one ``torch.Generator`` per image (images independent of batch size) or a single one.
-            output_type: ``"pil"``, ``"np"`` (B, H, W, 3) floats in [0, 1] or ``"pt"`` (B, 3, H, W) in [0, 1].
+            output_type: ``"pil"``, ``"np"`` (B, H, W, 3) floats in [0, 1], ``"pt"`` (B, 3, H, W) in [0, 1] or
+                ``"latent"``: the scaled latents (B, C, h, w) before decoding (see :attr:`latent_description`;
+                ``decode_latents``).
             return_dict: return :class:`ImagePipelineOutput` (else a tuple ``(images,)``).
-            return_latents: return the generated latents (B, C, h, w) instead of images.
+            return_latents: return the generated latents (B, C, h, w) instead of images (a bare tensor; the same as
+                ``output_type="latent"`` without the output wrapper).
+            unconditional: ``num_images_per_prompt`` images of the null prompt / null class (no prompt, no labels).
+            callback_on_step_end: diffusers' ``callback(pipe, step_index, timestep, callback_kwargs) -> dict``, called
+                after every scale (``step_index`` = ``timestep`` = the scale index). A step is a scale, not one flow
+                step inside it: a scale is what FlowAR generates autoregressively (the next scales condition on its
+                clean tokens, so replacing them steers the image) and its flow steps are the inner solver of that one
+                prediction, whose intermediate states are noisy and condition nothing. ``callback_kwargs`` holds the
+                tensors of ``callback_on_step_end_tensor_inputs`` (default ``["x_clean"]``; any of ``x_clean``
+                (B, s_k^2, C p^2) float32, the scale's clean tokens (``pipe.transformer.unpatchify`` gives its
+                latent (B, C, s_k p, s_k p)), and ``velocity`` (same shape), the guided velocity of the scale's last
+                flow step). Returning a new ``x_clean`` replaces the scale (the later scales condition on it; at the
+                last scale it is the latent decoded); ``velocity`` is read-only. Setting ``pipe._interrupt = True``
+                stops after the scale: the result is made from the last scale so far (see
+                :meth:`latents_to_images`).
         """
         self.check_output_type(output_type)
         sampling = self.resolve_sampling(guidance_scale=guidance_scale, guidance_interval=guidance_interval,
                                          num_steps=num_steps)
-        cond, _captions = self.encode_condition(prompt, class_labels, num_images_per_prompt)
+        cond, _captions = self.encode_condition(prompt, class_labels, num_images_per_prompt, unconditional)
         batch_size = cond.batch_size
+        on_step_end = self.step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                         len(self.transformer.scales))
         out = generate_flow_units(
             self.transformer,
             cond,
@@ -113,9 +165,11 @@ class FlowARPipeline(VGenPipeline):
             guidance_interval=(0.0, sampling["guidance_interval"]),
             generators=self.generators_for(generator, batch_size),
             progress=self.progress_bar,
+            on_step_end=on_step_end,
         )
         latents = self.transformer.tokens_to_latents(out.units[-1])
         if return_latents:
             return latents
-        images = self.vae.decode_latents(latents.to(self.vae.dtype)).float().add(1).mul(0.5)
-        return self.images_output(images, output_type, return_dict)
+        if output_type == "latent":
+            return self.latent_output(latents, return_dict)
+        return self.images_output(self.latents_to_images(latents), output_type, return_dict)

@@ -12,6 +12,13 @@ step to ``guidance_scale`` at the last (Token-Shuffle's schedule over the genera
 LlamaGen's (guide only the first ``cfg_interval + 2`` steps; -1 = all). A step is one code, or one ``s x s`` window
 with Token-Shuffle. The generation loop is :func:`vgen.samplers.next_token.generate_next_token`; every argument here
 maps onto it.
+
+diffusers conventions (from :class:`vgen.pipelines.base.VGenPipeline`): one step per unit for
+``callback_on_step_end`` (a code, or a Token-Shuffle window; ``step_index`` = ``timestep`` = the unit's index in
+generation order; tensors ``unit_Bk`` (B, k) code ids, replaceable, and ``logits_BkV`` (B, k, V) guided float32
+logits, read-only), ``pipe._interrupt = True`` (the codes not made are -1 and their pixels black),
+``output_type="latent"`` (the code ids (B, L) in raster order; ``decode_latents`` turns them into the images) and
+``set_progress_bar_config`` (a bar over the units).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from vgen.pipelines.base import VGenPipeline, options_of
 from vgen.pipelines.speculative import SpeculativeNextTokenMixin
 from vgen.samplers.guidance import ConstantCFG, GuidanceSchedule, WeightRampCFG, llamagen_cfg_interval
 from vgen.samplers.next_scale import TokenSampling
-from vgen.samplers.next_token import generate_next_token
+from vgen.samplers.next_token import NOT_MADE, generate_next_token
 
 #: ``guidance_schedule`` names -> the schedule of the CFG weight over the steps
 GUIDANCE_SCHEDULES = {"constant": ConstantCFG, "ramp": WeightRampCFG}
@@ -59,6 +66,13 @@ class RasterARPipeline(SpeculativeNextTokenMixin, VGenPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->vqvae"
     _optional_components = ["text_encoder"]
     sampling_options = options_of("RasterARPipeline")
+    _callback_tensor_inputs = ["unit_Bk", "logits_BkV"]
+    _callback_writable_tensor_inputs = ("unit_Bk",)
+    _default_callback_tensor_inputs = ("unit_Bk",)
+    latent_description = (
+        "the code ids (B, L) int64 in raster order (L = grid_size^2; an interrupted call leaves -1 at the codes it "
+        "did not make); pipe.decode_latents(latents) decodes them (codes of -1 give black pixels)."
+    )
 
     def __init__(
         self, vqvae, transformer: RasterAR, text_encoder=None, default_guidance_scale: float = 2.0,
@@ -88,6 +102,23 @@ class RasterARPipeline(SpeculativeNextTokenMixin, VGenPipeline):
         """Side of the generated images in pixels."""
         return int(self.transformer.config.grid_size) * int(self.vqvae.downsample)
 
+    def latents_to_images(self, latents: torch.Tensor) -> torch.Tensor:
+        """Code ids (B, L) in raster order of ``output_type="latent"`` -> images (B, 3, H, W) in [0, 1]. The codes an
+        interrupted call did not make (-1) are decoded as code 0 and their pixels set to black (the pixels next to
+        them see code 0 through the decoder, so a partial image differs slightly from the finished one there)."""
+        grid = int(self.transformer.config.grid_size)
+        if latents.ndim != 2 or latents.shape[1] != grid * grid or latents.is_floating_point():
+            raise UserError(f"latents must be code ids (B, {grid * grid}) in raster order (a {grid}x{grid} grid), got "
+                            f"{tuple(latents.shape)} {latents.dtype}")
+        codes_BL = latents.to(self.vqvae.device, torch.long)
+        made_BL = codes_BL != NOT_MADE
+        images = self.vqvae.decode_code(codes_BL.where(made_BL, 0), (grid, grid)).float().add(1).mul(0.5)
+        if bool(made_BL.all()):
+            return images
+        f = images.shape[-1] // grid
+        made_B1HW = made_BL.view(-1, 1, grid, grid).repeat_interleave(f, 2).repeat_interleave(f, 3)
+        return images * made_B1HW
+
     # -- generation ----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -106,6 +137,8 @@ class RasterARPipeline(SpeculativeNextTokenMixin, VGenPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         unconditional: bool = False,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
         **speculative,
     ):
         """Generate images.
@@ -123,9 +156,20 @@ class RasterARPipeline(SpeculativeNextTokenMixin, VGenPipeline):
             cfg_interval: LlamaGen's: guide only the first ``cfg_interval + 2`` steps (-1 = every step); the
                 unconditional half of the batch is dropped once guidance is over.
             generator: one ``torch.Generator`` per image (images independent of batch size) or a single one.
-            output_type: ``"pil"``, ``"np"`` (B, H, W, 3) floats in [0, 1] or ``"pt"`` (B, 3, H, W) in [0, 1].
+            output_type: ``"pil"``, ``"np"`` (B, H, W, 3) floats in [0, 1], ``"pt"`` (B, 3, H, W) in [0, 1] or
+                ``"latent"``: the code ids (B, L) in raster order (see :attr:`latent_description`;
+                ``decode_latents``).
             return_dict: return :class:`ImagePipelineOutput` (else a tuple ``(images,)``).
             unconditional: ``num_images_per_prompt`` images of the null prompt / null class (no prompt, no labels).
+            callback_on_step_end: diffusers' ``callback(pipe, step_index, timestep, callback_kwargs) -> dict``, called
+                after every step: one code, or one ``s x s`` Token-Shuffle window (``step_index`` = ``timestep`` = the
+                unit's index, windows in raster order). ``callback_kwargs`` holds the tensors of
+                ``callback_on_step_end_tensor_inputs`` (default ``["unit_Bk"]``; any of ``unit_Bk`` (B, k) the
+                unit's code ids, raster order inside a window, and ``logits_BkV`` (B, k, V) guided float32 logits
+                before filtering). Returning a new ``unit_Bk`` replaces the unit's codes (the later steps condition
+                on them, as if they had been sampled); ``logits_BkV`` is read-only. Setting ``pipe._interrupt = True``
+                stops after the step: the codes not made are -1 in ``output_type="latent"`` and black in images.
+                Not with speculative decoding (its steps are drafted and verified blocks).
             **speculative: speculative decoding, ``speculative="sjd" | "exact" | "lantern" | "mulo-sd"`` and its
                 knobs (``drafter``, ``gamma``, ``window``, ``pool_k``, ``delta``, ``tau``, ``radius``, ``draft_rows``,
                 ``island_lag``, ``upsampler``; :mod:`vgen.pipelines.speculative`); None or left out = the saved setting.
@@ -144,7 +188,12 @@ class RasterARPipeline(SpeculativeNextTokenMixin, VGenPipeline):
                                        temperature=sampling["temperature"])
         generators = self.generators_for(generator, batch_size)
         self.speculative_stats = None
+        on_step_end = self.step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                         int(self.transformer.sequence_length))
         if sampling["speculative"] != "none":
+            if on_step_end is not None:
+                raise UserError("callback_on_step_end works with plain next-token sampling; speculative decoding "
+                                f"({sampling['speculative']}) drafts and verifies blocks of codes: leave one out")
             condition_inputs = dict(prompt=prompt, class_labels=class_labels,
                                     num_images_per_prompt=num_images_per_prompt, unconditional=unconditional)
             out = self.speculative_tokens(sampling, {k: v for k, v in speculative.items() if v is not None}, cond,
@@ -154,7 +203,7 @@ class RasterARPipeline(SpeculativeNextTokenMixin, VGenPipeline):
         else:
             out = generate_next_token(self.transformer, cond, batch_size, guidance_scale=sampling["guidance_scale"],
                                       guidance_schedule=schedule, sampling=token_sampling, generators=generators,
-                                      progress=self.progress_bar)
-        grid = int(self.transformer.config.grid_size)
-        images = self.vqvae.decode_code(out.tokens_BL, (grid, grid)).float().add(1).mul(0.5)
-        return self.images_output(images, output_type, return_dict)
+                                      progress=self.progress_bar, on_step_end=on_step_end)
+        if output_type == "latent":
+            return self.latent_output(out.tokens_BL, return_dict)
+        return self.images_output(self.latents_to_images(out.tokens_BL), output_type, return_dict)
