@@ -245,3 +245,12 @@ def test_flowar_unconditional_images(flowar):
     assert (labelled - images).abs().max() > 1e-4
     with pytest.raises(UserError, match="unconditional images take no prompt and no class labels"):
         flowar(unconditional=True, class_labels=[1])
+
+
+def test_vgen_generate_unconditional_with_a_flowar_folder(flowar, tmp_path):
+    from vgen.cli import main
+
+    flowar.save_pretrained(tmp_path / "flowar")
+    assert main(["generate", "--model", str(tmp_path / "flowar"), "--unconditional", "--n", "2", "--seed", "0",
+                 "--out-dir", str(tmp_path / "out")]) == 0
+    assert len(sorted((tmp_path / "out").glob("*.png"))) == 2
