@@ -184,8 +184,8 @@ def test_replacing_a_scale_is_what_the_later_scales_condition_on(flowar):
                               guidance_scale=3.0, guidance_schedule=WeightRampCFG(), guidance_interval=(0.0, 0.9),
                               generators=seeds(2, 4), on_unit=lambda k, x: fixed if k == 1 else None)
     assert torch.equal(out.units[1], fixed)
-    assert latents.shape == (2, 4, 4, 4) and torch.allclose(latents, flowar.transformer.tokens_to_latents(out.units[-1]),
-                                                            atol=1e-6)
+    assert latents.shape == (2, 4, 4, 4)
+    assert torch.allclose(latents, flowar.transformer.tokens_to_latents(out.units[-1]), atol=1e-6)
     free = flowar(class_labels=[3, 5], generator=seeds(2, 4), output_type="latent").images
     assert (free - latents).abs().max() > 1e-3
     images = call("pt")
