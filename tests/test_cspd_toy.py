@@ -6,7 +6,8 @@ The check (:func:`close_to_target`) is an energy-distance permutation test of CS
 as one vector) against target-only samples, with a bound set from the measured target-vs-target noise floor
 (1000 vs 1000 samples, 5 seeds: two-mode 0.0035-0.0189, Gaussian 0.0023-0.0040; CSpD measured 0.0063-0.0086 and
 0.0024-0.0050, all permutation p > 0.2). The same check must reject CSpD with the ratio's sign flipped (measured
-0.16-0.20 and 1.5-1.6, p = 0.005, the smallest possible with 200 permutations)."""
+0.16-0.23 and 1.47-1.58, p = 0.005, the smallest possible with 200 permutations). ``python tests/test_cspd_toy.py``
+prints the table (about a minute on one thread)."""
 
 import pytest
 import torch
@@ -46,13 +47,34 @@ def flipped_ratio(draft, target, state, f):
     return -surrogate_log_ratio(draft, target, state, f)
 
 
+SETTINGS = CSpDSettings(gamma=2, prefill_fraction=0.0)
+
+
+def measure(case, seed):
+    """Energy distances and p-values (floor: target vs target; CSpD vs target; flipped ratio vs target) and the
+    acceptance rate for one seed (``python tests/test_cspd_toy.py`` prints them for seeds 0-4)."""
+    make_target, make_draft, _ = CASES[case]
+    target, draft, cond, offset = make_target(), make_draft(), torch.ones(N), seed * 10**5
+    reference = flat(generate_flow_units(target, cond, N, GRID, EulerMaruyamaSDE(), generators=generators(offset)).units)
+    other = flat(generate_flow_units(target, cond, N, GRID, EulerMaruyamaSDE(),
+                                     generators=generators(offset + N)).units)
+    out = generate_cspd(target, draft, cond, cond, N, GRID, settings=SETTINGS, generators=generators(offset + 2 * N))
+    broken = generate_cspd(target, draft, cond, cond, N, GRID, settings=SETTINGS,
+                           generators=generators(offset + 2 * N), log_ratio=flipped_ratio)
+    g = torch.Generator().manual_seed(0)
+    return {"floor": energy_permutation_test(other, reference, 200, g),
+            "cspd": energy_permutation_test(flat(out.units), reference, 200, g),
+            "flipped": energy_permutation_test(flat(broken.units), reference, 200, g),
+            "acceptance": out.stats.summary()["acceptance_rate"]}
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_cspd_matches_target_only_and_a_flipped_ratio_does_not(case):
     make_target, make_draft, bound = CASES[case]
     target, draft = make_target(), make_draft()
     cond = torch.ones(N)
     reference = flat(generate_flow_units(target, cond, N, GRID, EulerMaruyamaSDE(), generators=generators(0)).units)
-    settings = CSpDSettings(gamma=2, prefill_fraction=0.0)
+    settings = SETTINGS
     out = generate_cspd(target, draft, cond, cond, N, GRID, settings=settings, generators=generators(2 * N))
     passed, distance, p_value = close_to_target(flat(out.units), reference, bound)
     assert passed, f"CSpD vs target-only: energy distance {distance:.4f} (bound {bound}), p = {p_value:.3f}"
@@ -64,3 +86,12 @@ def test_cspd_matches_target_only_and_a_flipped_ratio_does_not(case):
                            log_ratio=flipped_ratio)
     passed, distance, p_value = close_to_target(flat(broken.units), reference, bound)
     assert not passed and distance > 4 * bound and p_value < 0.01
+
+
+if __name__ == "__main__":
+    for name in CASES:
+        for seed in range(5):
+            m = measure(name, seed)
+            print(f"{name} seed {seed}: floor {m['floor'][0]:.4f} (p {m['floor'][1]:.3f})  cspd {m['cspd'][0]:.4f} "
+                  f"(p {m['cspd'][1]:.3f})  flipped {m['flipped'][0]:.4f} (p {m['flipped'][1]:.3f})  "
+                  f"acceptance {m['acceptance']:.3f}")
