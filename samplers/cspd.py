@@ -176,6 +176,15 @@ def surrogate_log_ratio(draft: Sequence[GaussianTransition], target: Sequence[Ga
             - draft[f].log_density(state))
 
 
+def last_step_log_ratio(draft: Sequence[GaussianTransition], target: Sequence[GaussianTransition],
+                        state: torch.Tensor, f: int) -> torch.Tensor:
+    """``log N(s; mean_p,f, std_p,f) - log N(s; mean_q,f, std_q,f)`` per row (R,): the ratio without the
+    determinant factor. Given the shared noises the target's state ``z_f`` is its own chain's, so this is exact
+    speculative sampling of the last stochastic step whatever the two models' stds (not the paper's choice; with
+    stds set by the grid alone both ratios are the same)."""
+    return target[f].log_density(state) - draft[f].log_density(state)
+
+
 @torch.no_grad()
 def generate_cspd(
     target: Any,
@@ -191,6 +200,7 @@ def generate_cspd(
     guidance_interval: tuple[float, float] = (0.0, 1.0),
     generators: Generators = None,
     log_ratio: LogRatio = surrogate_log_ratio,
+    draft_integrator: FlowIntegrator | None = None,
 ) -> CSpDOutput:
     """Generate ``batch_size`` images unit by unit with CSpD (see the module doc).
 
@@ -204,15 +214,25 @@ def generate_cspd(
         guidance_scale, guidance_schedule, guidance_interval: CFG as in
             :func:`~vgen.samplers.flow_units.generate_flow_units` (the same for both models).
         generators: one ``torch.Generator`` per image, or None (global RNG).
-        log_ratio: the acceptance log-ratio (default the paper's surrogate; tests pass broken ones).
+        log_ratio: the acceptance log-ratio (default the paper's surrogate; :func:`last_step_log_ratio` drops
+            the determinant factor; tests pass broken ones).
+        draft_integrator: the draft's scheme (default the target's), with the same stochastic steps, e.g. another
+            ``EulerMaruyamaSDE(diffusion_scale=...)`` (transition stds that differ between the models).
     """
     settings = settings if settings is not None else CSpDSettings()
     integrator = integrator if integrator is not None else EulerMaruyamaSDE()
+    draft_integrator = draft_integrator if draft_integrator is not None else integrator
     unit_shapes = [tuple(shape) for shape in target.unit_shapes]
     if [tuple(s) for s in draft.unit_shapes] != unit_shapes:
         raise ValueError(f"the draft's units {list(draft.unit_shapes)} differ from the target's {unit_shapes}")
     K, B = len(unit_shapes), batch_size
     grids = _grids_per_unit(time_grid, K)
+    for grid in grids:
+        n = grid.numel() - 1
+        if [integrator.is_stochastic(i, n) for i in range(n)] != [draft_integrator.is_stochastic(i, n)
+                                                                  for i in range(n)]:
+            raise ValueError("the draft's and the target's integrators must have the same stochastic steps")
+        final_stochastic_step(integrator, n)
     schedule = guidance_schedule if guidance_schedule is not None else WeightRampCFG()
     use_cfg = not guidance_is_off(schedule, guidance_scale, K)
     t_low, t_high = guidance_interval
@@ -276,7 +296,7 @@ def generate_cspd(
         for k in window:
             initial = per_sample_normal((B, *unit_shapes[k]), generators, device, dtype=torch.float32)
             result = integrate_flow(field_of(draft, k, d_unit_cond, stats.drafter_forwards), initial, grids[k],
-                                    integrator, generators=generators, record=True)
+                                    draft_integrator, generators=generators, record=True)
             drafts.append((initial, result.trajectory))
             if k + 1 < K and k + 1 < window.stop:
                 d_unit_cond = draft.commit(k, doubled(result.x.float()), d_state)

@@ -174,3 +174,6 @@ def test_bad_settings_and_models_are_refused():
     with pytest.raises(ValueError, match="stochastic integrator"):
         generate_cspd(two_mode_target(), mismatched_draft(), torch.ones(1), torch.ones(1), 1, GRID,
                       integrator=EulerODE())
+    with pytest.raises(ValueError, match="same stochastic steps"):
+        generate_cspd(two_mode_target(), mismatched_draft(), torch.ones(1), torch.ones(1), 1, GRID,
+                      draft_integrator=EulerODE())
