@@ -46,7 +46,9 @@ Where this departs from the paper, and why:
   speculative sampling of the last stochastic step when ``D = 1``. With an integrator whose std depends only on the
   time grid (Euler-Maruyama: ``std_i = sqrt(2 t_i |dt_i|)``, the same for both models) ``D = 1`` and the only
   departure from target-only sampling is the fallback; models with learned variances (MAR) get ``D != 1`` and the
-  surrogate is biased, as the paper's notes say. tests/test_cspd_toy.py measures it.
+  surrogate is biased, as the paper's notes say. :func:`last_step_log_ratio` drops the factor (exact given the
+  alignment; not the paper's rule, so not the default). tests/test_cspd_toy.py measures both, with a draft on
+  another diffusion scale (``draft_integrator``) standing in for learned variances.
 - **Cost.** Verification re-runs the target's whole trajectory per unit (as in the paper) and the interface commits
   one unit per call, so the target makes as many calls as target-only sampling; CSpD then cannot be faster with a
   per-unit KV-cached target (the paper's gains come from MAR re-running its full transformer at every AR step).
