@@ -71,6 +71,9 @@ def test_saved_cspd_settings_and_drafter_path(folders, tmp_path):
     loaded.set_progress_bar_config(disable=True)
     loaded(class_labels=[0], generator=gens(1), output_type="pt")
     assert loaded.speculative_stats is not None and int(loaded.speculative_stats.drafted[0]) == 2  # 1 of 3 pre-filled
+    # what the CLI does: every resolved setting passed, the saved relative drafter path among them
+    loaded(class_labels=[0], generator=gens(1), output_type="pt", **loaded.resolve_sampling())
+    assert int(loaded.speculative_stats.drafted[0]) == 2
 
 
 def test_generate_cli_flags(folders, tmp_path, capsys):

@@ -197,7 +197,9 @@ class FlowARPipeline(DrafterFoldersMixin, VGenPipeline):
             if not sampling["drafter"]:
                 raise UserError("--speculative cspd needs a drafter: pass --drafter DIR (a smaller FlowAR pipeline "
                                 "folder on the same autoencoder)")
-            draft_pipe = self.drafter_pipeline(sampling["drafter"], drafter is not None, "cspd")
+            # a drafter equal to the saved one (the CLI passes every resolved setting) is relative to the folder
+            given = drafter is not None and drafter != self.sampling_defaults()["drafter"]
+            draft_pipe = self.drafter_pipeline(sampling["drafter"], given, "cspd")
             draft_cond, _ = draft_pipe.encode_condition(prompt, class_labels, num_images_per_prompt)
             time_grid, integrator = self.flow_sampling("sde", sampling["num_steps"])
             settings = CSpDSettings(gamma=sampling["gamma"], prefill_fraction=sampling["prefill_fraction"],
