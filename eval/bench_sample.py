@@ -9,6 +9,8 @@ times; the median wall time gives images/s. In the same process, for each batch 
 * ``forwards_per_image``: the model rows per image of the calls that ran the network (classifier-free guidance
   doubles the rows of every guided call), by method and in total (a call that only prepares inputs, like VAR's
   ``prefill``, is not a forward);
+* ``structure``: what the generator's step structure is, where it says (raster AR / Token-Shuffle: units per image,
+  tokens per step and the window; VAR/NFIG: the scales), so runs of one family with different settings read apart;
 * ``peak_memory_bytes``: on CUDA the peak allocated by torch during one call; on CPU the peak growth of the
   process's resident memory during one call (sampled every 2 ms), so small models read close to 0.
 
@@ -144,6 +146,23 @@ def peak_memory(device):
         result.update(bytes=peak[0] - base, kind="cpu_resident_growth")
 
 
+def sampling_structure(transformer) -> dict:
+    """The step structure a generator declares: ``units_per_image`` (``sequence_length``: raster codes or Token-Shuffle
+    windows), ``tokens_per_step`` and ``shuffle_window`` of next-token models, ``patch_nums`` of next-scale ones."""
+    out = {}
+    if hasattr(transformer, "sequence_length"):
+        out["units_per_image"] = int(transformer.sequence_length)
+    if hasattr(transformer, "tokens_per_step"):
+        out["tokens_per_step"] = int(transformer.tokens_per_step)
+    config = getattr(transformer, "config", {})
+    if "shuffle_window" in config:
+        out["shuffle_window"] = int(config["shuffle_window"])
+    patch_nums = getattr(transformer, "patch_nums", None)
+    if patch_nums is not None:
+        out["patch_nums"] = [int(p) for p in patch_nums]
+    return out
+
+
 def _one_model(pipe, model_dir, sizes: list[int], args):
     """Per-model bench state: its call, counts and memory per batch size (timings are added by :func:`run`)."""
     import torch
@@ -181,6 +200,7 @@ def _one_model(pipe, model_dir, sizes: list[int], args):
         "torch_threads": torch.get_num_threads(),
         "sampling": sampling,
         "parameters": sum(p.numel() for p in pipe.transformer.parameters()),
+        "structure": sampling_structure(pipe.transformer),
         "results": results,
     }
     return report, call

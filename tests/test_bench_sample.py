@@ -80,3 +80,20 @@ def test_several_models_in_one_process(pipelines, capsys):
     assert ratios[0] == {"1": 1.0}
     flowar = report["models"][1]["results"][0]["images_per_s"] / report["models"][0]["results"][0]["images_per_s"]
     assert ratios[1]["1"] == pytest.approx(flowar)
+
+
+def test_token_shuffle_windows_read_apart(tmp_path, capsys):
+    # the Token-Shuffle comparison: the same transformer in raster order (s = 1) and on 2x2 windows, in one process
+    from test_raster_ar_pipeline import tiny_pipe
+
+    for window in (1, 2):
+        tiny_pipe(window=window, default_guidance_scale=2.0).save_pretrained(tmp_path / f"s{window}")
+    assert main(["bench", "sample", "--model", str(tmp_path / "s1"), str(tmp_path / "s2"), "--batch-sizes", "1",
+                 "--repeats", "1", "--warmup", "0", "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    s1, s2 = (r["structure"] for r in report["models"])
+    assert s1 == {"units_per_image": 16, "tokens_per_step": 1, "shuffle_window": 1}
+    assert s2 == {"units_per_image": 4, "tokens_per_step": 4, "shuffle_window": 2}
+    # one prefill + one decode per unit after the first, every row doubled by CFG
+    for report_, units in zip(report["models"], (16, 4)):
+        assert report_["results"][0]["forwards_per_image"]["total"] == 2.0 * units

@@ -59,6 +59,7 @@ def test_shapes_recipe_parses_and_fits_the_asset_budget(tmp_path):
     assert fp16_bytes < 20 * 10**6, fp16_bytes  # all of vgen/assets must stay under 90 MB
 
 
+@pytest.mark.slow
 def test_forty_steps_lower_the_loss_and_export_generates(autoencoder_dir, tmp_path):
     task = FlowARTask(tiny_cfg(autoencoder_dir))
     cfg = TrainConfig(steps=40, batch_size=8, lr=3e-3, warmup_steps=0, schedule="constant", log_every=1,

@@ -254,6 +254,7 @@ def test_ship_script_writes_fp16_weights_with_sampling_defaults_and_refuses_over
     assert not (tmp_path / "shipped.tmp").exists()
 
 
+@pytest.mark.slow
 def test_default_model_script_trains_and_exports_a_pipeline(tmp_path):
     # configs/shapes/train_default_model.sh is the one command that retrains the shipped model; run it for 2 steps
     # of each stage.

@@ -51,6 +51,7 @@ def test_frame_fid_separates_real_from_noise():
     assert frame_fid(other, frames) < 0.2 * frame_fid(noise, frames)
 
 
+@pytest.mark.slow
 def test_evaluation_driver_and_benchmark_on_a_tiny_model(tmp_path, capsys):
     from test_video_pipeline import tiny_pipeline
     from vgen.eval import bench_video

@@ -200,6 +200,7 @@ def _vgen(*args, cwd):
                           timeout=240)
 
 
+@pytest.mark.slow
 def test_generate_video_and_profile_heads_in_subprocesses(tmp_path):
     model = tmp_path / "model"
     tiny_pipeline().save_pretrained(model)

@@ -15,8 +15,6 @@ TARGETS = {
     "kernels": ("vgen.eval.bench_kernels", "compressed-KV-cache kernels vs torch SDPA and copy bandwidth (CUDA)"),
     "sample": ("vgen.eval.bench_sample", "sampling speed of any saved pipeline: images/s per batch size, forwards "
                "per image, peak memory"),
-    "next-token": ("vgen.eval.bench_next_token",
-                   "next-token pipelines (raster AR, Token-Shuffle windows) against the first one: images/s ratios"),
     "speculative": ("vgen.eval.bench_speculative",
                     "a speculative method (sjd, exact, lantern, mulo-sd; a sweep of its knob) against target-only "
                     "sampling: speedups at B=1 and 16, forwards, acceptance, Shapes-GenEval / FID deltas, plot"),

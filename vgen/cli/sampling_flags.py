@@ -48,6 +48,11 @@ def sampling_from_flags(args: argparse.Namespace, pipe) -> tuple[dict, dict]:
         flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
         own = ", ".join(option.cli_flag for option in declared.values())
         raise UserError(f"{flags}: not a sampling option of {family} models; this model takes {own}")
+    for name, value in given.items():  # a flag several families share is parsed by the loosest: check this one's rule
+        try:
+            given[name] = declared[name].parse(value)
+        except ValueError as err:
+            raise UserError(f"{declared[name].cli_flag}: {err}") from None
     saved = pipe.resolve_sampling(**{name: value for name, value in given.items() if declared[name].saved})
     extra = {name: value for name, value in given.items() if not declared[name].saved}
     return saved, extra

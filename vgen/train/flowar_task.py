@@ -24,26 +24,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from vgen.checkpoints import state_dict_mismatch
 from vgen.errors import UserError
 from vgen.models.flowar import FLOWAR_SIZES, FlowAR, check_scales
-from vgen.models.text_encoder import ShapesTextEncoder, split_words
-from vgen.train.task import TrainTask
-from vgen.train.var_task import freeze_all_but
-
-WORLDS = ("shapes", "folder")
+from vgen.train.image_generator_task import ConditionedTrainModule, ImageGeneratorTask, ImageGeneratorTaskConfig
 
 
 @dataclass
-class FlowARTaskConfig:
-    """The ``task:`` section of a FlowAR run config (``configs/shapes/flowar_text.yaml``)."""
+class FlowARTaskConfig(ImageGeneratorTaskConfig):
+    """The ``task:`` section of a FlowAR run config (``configs/shapes/flowar_text.yaml``); conditioning, data and
+    sample conditions as :class:`~vgen.train.image_generator_task.ImageGeneratorTaskConfig`."""
 
     #: trained KL autoencoder folder (``AutoencoderKL.save_pretrained``, e.g. runs/kl_shapes/final)
     autoencoder: str = ""
-    #: a saved FlowAR pipeline folder whose transformer (and text encoder) weights start this run; "" = random init
-    init_from: str = ""
-    #: glob patterns of the parameters this run trains (names as in ``FlowARTrainModule``); empty = everything
-    trainable: tuple[str, ...] = ()
     # --- transformer: a registry size (flowar-s, flowar-l, flowar-h) or the fields below
     size: str = ""
     embed_dim: int = 128  #: width of both AR stacks
@@ -63,33 +55,11 @@ class FlowARTaskConfig:
     attn_dropout: float = 0.0
     proj_dropout: float = 0.0
     drop_path_rate: float = 0.0
-    # --- conditioning
-    #: "text" (prompts through a trainable ShapesTextEncoder) or "class" (class labels, null class = num_classes)
-    conditioning: str = "text"
-    num_classes: int = 0  #: 0 = the world's number of classes
+    # --- conditioning (the rest: ImageGeneratorTaskConfig)
     text_cross_attn: bool = True
     text_embed_dim: int = 128
-    text_depth: int = 2
     text_heads: int = 2
-    text_max_length: int = 32
-    text_word_mixing: int = 0
-    # --- data
-    world: str = "shapes"
-    data_path: str = ""
-    resolution: int = 64
-    dataset_length: int = 100_000
-    seed: int = 0
-    tag_weights: dict[str, float] | None = None
     # --- sampling: used for the grids during training and saved as the exported pipeline's defaults
-    sample_prompts: tuple[str, ...] = (
-        "a photo of a red circle",
-        "a photo of a blue square",
-        "a photo of a green triangle and a yellow star",
-        "a photo of three purple hexagons",
-        "a photo of an orange diamond left of a white circle",
-        "a photo of a pink star above a black square",
-    )
-    sample_class_labels: tuple[int, ...] = (0, 7, 14, 21, 28, 35)
     #: CFG weight at the last scale (FlowAR's ramp from 1 at the first scale; 1 = off)
     sample_guidance_scale: float = 2.4
     #: guidance only while t <= this (official FlowAR-S/L: 0.9)
@@ -98,26 +68,15 @@ class FlowARTaskConfig:
     sample_num_steps: int = 25
 
 
-class FlowARTrainModule(nn.Module):
-    """What the training loop optimises: the FlowAR transformer plus (text models) the text encoder.
+class FlowARTrainModule(ConditionedTrainModule):
+    """The FlowAR transformer plus (text models) the text encoder.
 
     ``forward(latents_BChw, label_B=None, ids_BT=None, mask_BT=None) -> FlowAROutput``.
     """
 
-    def __init__(self, transformer: FlowAR, text_encoder: ShapesTextEncoder | None):
-        super().__init__()
-        self.transformer = transformer
-        self.text_encoder = text_encoder
-
     def forward(self, latents_BChw: torch.Tensor, label_B: torch.Tensor | None = None,
                 ids_BT: torch.Tensor | None = None, mask_BT: torch.Tensor | None = None):
-        transformer = self.transformer
-        if self.text_encoder is None:
-            cond = transformer.class_condition(label_B)
-        else:
-            pooled_BD, tokens_BTD = self.text_encoder(ids_BT, mask_BT)
-            cond = transformer.text_condition(pooled_BD, tokens_BTD, mask_BT)
-        return transformer(latents_BChw, cond=cond)
+        return self.transformer(latents_BChw, cond=self.condition(label_B, ids_BT, mask_BT))
 
 
 def load_autoencoder(folder: str | Path, what: str = "task.autoencoder"):
@@ -138,18 +97,14 @@ def load_autoencoder(folder: str | Path, what: str = "task.autoencoder"):
     return AutoencoderKL.from_pretrained(str(path), low_cpu_mem_usage=False).eval().requires_grad_(False)
 
 
-class FlowARTask(TrainTask):
+class FlowARTask(ImageGeneratorTask):
     config_class = FlowARTaskConfig
+    command = "flowar"
 
     def __init__(self, cfg: FlowARTaskConfig):
         super().__init__(cfg)
-        if cfg.conditioning not in ("text", "class"):
-            raise UserError(f"task.conditioning must be 'text' or 'class', got {cfg.conditioning!r}")
-        if cfg.world not in WORLDS:
-            raise UserError(f"task.world must be one of {', '.join(WORLDS)}, got {cfg.world!r}")
         self.vae = load_autoencoder(cfg.autoencoder)
         self.latent_side = self.vae.latent_size(cfg.resolution)[0]
-        self._dataset = None
         with torch.device("meta"):  # configuration errors before the run starts (nothing allocated)
             FlowAR(**self.transformer_kwargs())
 
@@ -174,25 +129,6 @@ class FlowARTask(TrainTask):
             scales.append(grid)
         return tuple(scales)
 
-    def _vocabulary(self) -> list[str]:
-        if self.cfg.world == "shapes":
-            from vgen.data.shapes import PROMPT_VOCABULARY
-
-            return list(PROMPT_VOCABULARY)
-        words = sorted({w for caption in self.build_dataset().captions for w in split_words(caption)})
-        if not words:
-            raise UserError(f"no captions found under {self.cfg.data_path} (metadata.jsonl); use conditioning: class")
-        return words
-
-    def _num_classes(self) -> int:
-        if self.cfg.num_classes > 0:
-            return self.cfg.num_classes
-        if self.cfg.world == "shapes":
-            from vgen.data.shapes import NUM_CLASSES
-
-            return NUM_CLASSES
-        return len(self.build_dataset().classes)
-
     def transformer_kwargs(self) -> dict[str, Any]:
         cfg = self.cfg
         if cfg.size:
@@ -212,59 +148,13 @@ class FlowARTask(TrainTask):
         if cfg.conditioning == "text":
             kwargs.update(text_embed_dim=cfg.text_embed_dim, text_cross_attn=cfg.text_cross_attn)
         else:
-            kwargs.update(num_classes=self._num_classes())
+            kwargs.update(num_classes=self.num_classes())
         return kwargs
 
     # -- TrainTask -------------------------------------------------------------------------------------------
 
     def build_model(self) -> FlowARTrainModule:
-        cfg = self.cfg
-        text_encoder = None
-        if cfg.conditioning == "text":
-            text_encoder = ShapesTextEncoder(
-                vocabulary=self._vocabulary(), embed_dim=cfg.text_embed_dim, depth=cfg.text_depth,
-                num_heads=cfg.text_heads, max_length=cfg.text_max_length, word_mixing=cfg.text_word_mixing,
-            )
-        model = FlowARTrainModule(FlowAR(**self.transformer_kwargs()), text_encoder)
-        if cfg.init_from:
-            self._load_initial_weights(model, Path(cfg.init_from))
-        if cfg.trainable:
-            freeze_all_but(model, cfg.trainable)
-        return model
-
-    def _load_initial_weights(self, model: FlowARTrainModule, folder: Path) -> None:
-        from vgen.checkpoints import read_state_dict
-
-        for name, module in {"transformer": model.transformer, "text_encoder": model.text_encoder}.items():
-            if module is None:
-                continue
-            files = sorted((folder / name).glob("*.safetensors"))
-            if not files:
-                raise UserError(f"task.init_from: no {name} weights under {folder / name}; give the final/ folder of "
-                                "a 'vgen train flowar' run")
-            state = read_state_dict(files[0], what=f"task.init_from {name} weights")
-            mismatch = state_dict_mismatch(module.state_dict(), state, limit=3)
-            if mismatch:
-                raise UserError(f"task.init_from: the {name} in {folder} does not match this config's sizes "
-                                f"({mismatch}); set the task's size fields as that run had them")
-            module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-
-    def build_dataset(self) -> torch.utils.data.Dataset:
-        if self._dataset is None:
-            cfg = self.cfg
-            if cfg.world == "shapes":
-                from vgen.data.shapes import ShapesDataset
-
-                self._dataset = ShapesDataset(resolution=cfg.resolution, length=cfg.dataset_length, seed=cfg.seed,
-                                              tag_weights=cfg.tag_weights,
-                                              class_conditional=cfg.conditioning == "class")
-            else:
-                if cfg.tag_weights:
-                    raise UserError("task.tag_weights applies to the shapes world only; remove it for world: folder")
-                from vgen.data.folder import ImageFolderDataset
-
-                self._dataset = ImageFolderDataset(cfg.data_path, resolution=cfg.resolution)
-        return self._dataset
+        return self.prepare_model(FlowARTrainModule(FlowAR(**self.transformer_kwargs()), self.build_text_encoder()))
 
     @torch.no_grad()
     def encode_images(self, img_B3HW: torch.Tensor) -> torch.Tensor:
@@ -278,11 +168,7 @@ class FlowARTask(TrainTask):
 
         latents_BChw = self.encode_images(batch["image"])
         inner = unwrap(model)
-        if inner.text_encoder is not None:
-            ids_BT, mask_BT = inner.text_encoder.tokenize(list(batch["caption"]))
-            out = model(latents_BChw, ids_BT=ids_BT.to(latents_BChw.device), mask_BT=mask_BT.to(latents_BChw.device))
-        else:
-            out = model(latents_BChw, label_B=batch["class_label"].long())
+        out = model(latents_BChw, **self.condition_inputs(inner, batch, latents_BChw.device))
         metrics = {f"loss_s{s}": loss.detach().mean() for s, loss in zip(inner.transformer.scales, out.loss_per_scale)}
         return out.loss, metrics
 
@@ -297,22 +183,10 @@ class FlowARTask(TrainTask):
             default_num_steps=cfg.sample_num_steps,
         )
 
-    @torch.no_grad()
     def sample_grid(self, model: nn.Module, step: int):
-        from vgen.imaging import make_grid, tensor_to_pil
         from vgen.train.loop import unwrap
 
-        inner = unwrap(model)
-        pipe = self._pipeline(inner)
-        pipe.set_progress_bar_config(disable=True)
-        if inner.text_encoder is not None:
-            conditions, kwargs = list(self.cfg.sample_prompts), {"prompt": list(self.cfg.sample_prompts)}
-        else:
-            labels = [lab % inner.transformer.config.num_classes for lab in self.cfg.sample_class_labels]
-            conditions, kwargs = [f"class {lab}" for lab in labels], {"class_labels": labels}
-        generators = [torch.Generator().manual_seed(i) for i in range(len(conditions))]
-        images = pipe(**kwargs, generator=generators, output_type="pt").images
-        return make_grid(tensor_to_pil(images, value_range=(0.0, 1.0)), [f"{c} (step {step})" for c in conditions])
+        return self.sample_grid_of(self._pipeline(unwrap(model)), step)
 
     def export(self, model: nn.Module, out_dir: Path) -> None:
         from vgen.train.loop import unwrap

@@ -33,15 +33,13 @@ from torch import nn
 
 from vgen.errors import UserError
 from vgen.models.raster_ar import RASTER_AR_SIZES, RasterAR
-from vgen.models.text_encoder import ShapesTextEncoder, split_words
-from vgen.train.task import TrainTask
-
-WORLDS = ("shapes", "folder")
+from vgen.train.image_generator_task import ConditionedTrainModule, ImageGeneratorTask, ImageGeneratorTaskConfig
 
 
 @dataclass
-class RasterARTaskConfig:
-    """The ``task:`` section of a raster AR run config (``configs/shapes/raster_*.yaml``)."""
+class RasterARTaskConfig(ImageGeneratorTaskConfig):
+    """The ``task:`` section of a raster AR run config (``configs/shapes/raster_*.yaml``); conditioning, data and
+    sample conditions as :class:`~vgen.train.image_generator_task.ImageGeneratorTaskConfig`."""
 
     #: trained single-scale VQ folder (``SingleScaleVQModel.save_pretrained``, e.g. runs/vq64/final)
     tokenizer: str = ""
@@ -59,39 +57,13 @@ class RasterARTaskConfig:
     resid_dropout_p: float = 0.0
     ffn_dropout_p: float = 0.0
     drop_path_rate: float = 0.0
-    # --- conditioning
-    #: "text" (prompts through a trainable ShapesTextEncoder) or "class" (class labels, null class = num_classes)
-    conditioning: str = "text"
-    num_classes: int = 0  #: 0 = the world's number of classes
+    # --- conditioning (the rest: ImageGeneratorTaskConfig)
     class_dropout_prob: float = 0.1
     #: text models: the prompt's tokens join the prefix (False: the pooled prompt alone)
     text_tokens: bool = True
-    text_embed_dim: int = 256
-    text_depth: int = 2
-    text_heads: int = 4
-    text_max_length: int = 32
-    #: odd window of words mixed into every text token after the encoder (ShapesTextEncoder ``word_mixing``); 0 = off
-    text_word_mixing: int = 0
-    # --- data
-    world: str = "shapes"
-    data_path: str = ""
-    resolution: int = 64
-    dataset_length: int = 100_000
-    seed: int = 0
-    #: shapes world: relative caption frequency per GenEval tag (e.g. {counting: 2, position: 2}); None = equal
-    tag_weights: dict[str, float] | None = None
     #: .pt file holding the dataset's codes (made on first use, see the module docstring); "" = encode every batch
     token_cache: str = ""
     # --- sampling: used for the grids during training and saved as the exported pipeline's defaults
-    sample_prompts: tuple[str, ...] = (
-        "a photo of a red circle",
-        "a photo of a blue square",
-        "a photo of a green triangle and a yellow star",
-        "a photo of three purple hexagons",
-        "a photo of an orange diamond left of a white circle",
-        "a photo of a pink star above a black square",
-    )
-    sample_class_labels: tuple[int, ...] = (0, 7, 14, 21, 28, 35)
     sample_guidance_scale: float = 3.0
     #: "constant" (LlamaGen) or "ramp" (Token-Shuffle's: from 1 at the first step to the scale at the last)
     sample_guidance_schedule: str = "constant"
@@ -101,25 +73,15 @@ class RasterARTaskConfig:
     sample_temperature: float = 1.0
 
 
-class RasterARTrainModule(nn.Module):
-    """What the training loop optimises: the raster transformer plus (text models) the text encoder.
+class RasterARTrainModule(ConditionedTrainModule):
+    """The raster transformer plus (text models) the text encoder.
 
     ``forward(tokens_BL, label_B=None, ids_BT=None, mask_BT=None) -> logits_BNkV``.
     """
 
-    def __init__(self, transformer: RasterAR, text_encoder: ShapesTextEncoder | None):
-        super().__init__()
-        self.transformer = transformer
-        self.text_encoder = text_encoder
-
     def forward(self, tokens_BL: torch.Tensor, label_B: torch.Tensor | None = None,
                 ids_BT: torch.Tensor | None = None, mask_BT: torch.Tensor | None = None) -> torch.Tensor:
-        if self.text_encoder is None:
-            cond = self.transformer.class_condition(label_B)
-        else:
-            pooled_BD, tokens_BTD = self.text_encoder(ids_BT, mask_BT)
-            cond = self.transformer.text_condition(pooled_BD, tokens_BTD, mask_BT)
-        return self.transformer(tokens_BL, cond=cond)
+        return self.transformer(tokens_BL, cond=self.condition(label_B, ids_BT, mask_BT))
 
 
 class TokenDataset(torch.utils.data.Dataset):
@@ -136,15 +98,12 @@ class TokenDataset(torch.utils.data.Dataset):
                 "class_label": int(self.class_labels[index]), "index": index}
 
 
-class RasterARTask(TrainTask):
+class RasterARTask(ImageGeneratorTask):
     config_class = RasterARTaskConfig
+    command = "raster-ar"
 
     def __init__(self, cfg: RasterARTaskConfig):
         super().__init__(cfg)
-        if cfg.conditioning not in ("text", "class"):
-            raise UserError(f"task.conditioning must be 'text' or 'class', got {cfg.conditioning!r}")
-        if cfg.world not in WORLDS:
-            raise UserError(f"task.world must be one of {', '.join(WORLDS)}, got {cfg.world!r}")
         if cfg.sample_guidance_schedule not in ("constant", "ramp"):
             raise UserError(
                 f"task.sample_guidance_schedule must be 'constant' or 'ramp', got {cfg.sample_guidance_schedule!r}"
@@ -178,29 +137,6 @@ class RasterARTask(TrainTask):
             raise UserError(f"task.tokenizer {path} is not a single-scale VQ folder ({err})".splitlines()[0]) from None
         return vqvae.eval().requires_grad_(False)
 
-    def _vocabulary(self) -> list[str]:
-        if self.cfg.world == "shapes":
-            from vgen.data.shapes import PROMPT_VOCABULARY
-
-            return list(PROMPT_VOCABULARY)
-        words = sorted({w for caption in self._captions() for w in split_words(caption)})
-        if not words:
-            raise UserError(f"no captions found under {self.cfg.data_path} (metadata.jsonl); use conditioning: class")
-        return words
-
-    def _captions(self) -> list[str]:
-        dataset = self.build_dataset()
-        return list(dataset.captions)
-
-    def _num_classes(self) -> int:
-        if self.cfg.num_classes > 0:
-            return self.cfg.num_classes
-        if self.cfg.world == "shapes":
-            from vgen.data.shapes import NUM_CLASSES
-
-            return NUM_CLASSES
-        return len(self.image_dataset().classes)
-
     def transformer_kwargs(self) -> dict[str, Any]:
         cfg = self.cfg
         if cfg.size:
@@ -214,7 +150,7 @@ class RasterARTask(TrainTask):
             ffn_hidden_dim=cfg.ffn_hidden_dim or None, token_dropout_p=cfg.token_dropout_p,
             resid_dropout_p=cfg.resid_dropout_p, ffn_dropout_p=cfg.ffn_dropout_p, drop_path_rate=cfg.drop_path_rate,
             class_dropout_prob=cfg.class_dropout_prob, conditioning=cfg.conditioning,
-            num_classes=self._num_classes(), shuffle_window=cfg.shuffle_window,
+            num_classes=self.num_classes(), shuffle_window=cfg.shuffle_window,
             shuffle_mlp_blocks=cfg.shuffle_mlp_blocks,
         )
         if cfg.conditioning == "text":
@@ -222,20 +158,6 @@ class RasterARTask(TrainTask):
         return kwargs
 
     # -- data ------------------------------------------------------------------------------------------------
-
-    def image_dataset(self) -> torch.utils.data.Dataset:
-        """The world's images (items with ``image``, ``caption``, ``class_label``)."""
-        cfg = self.cfg
-        if cfg.world == "shapes":
-            from vgen.data.shapes import ShapesDataset
-
-            return ShapesDataset(resolution=cfg.resolution, length=cfg.dataset_length, seed=cfg.seed,
-                                 tag_weights=cfg.tag_weights, class_conditional=cfg.conditioning == "class")
-        if cfg.tag_weights:
-            raise UserError("task.tag_weights applies to the shapes world only; remove it for world: folder")
-        from vgen.data.folder import ImageFolderDataset
-
-        return ImageFolderDataset(cfg.data_path, resolution=cfg.resolution)
 
     def _cache_key(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -290,14 +212,7 @@ class RasterARTask(TrainTask):
     # -- TrainTask -------------------------------------------------------------------------------------------
 
     def build_model(self) -> RasterARTrainModule:
-        cfg = self.cfg
-        text_encoder = None
-        if cfg.conditioning == "text":
-            text_encoder = ShapesTextEncoder(
-                vocabulary=self._vocabulary(), embed_dim=cfg.text_embed_dim, depth=cfg.text_depth,
-                num_heads=cfg.text_heads, max_length=cfg.text_max_length, word_mixing=cfg.text_word_mixing,
-            )
-        return RasterARTrainModule(RasterAR(**self.transformer_kwargs()), text_encoder)
+        return self.prepare_model(RasterARTrainModule(RasterAR(**self.transformer_kwargs()), self.build_text_encoder()))
 
     def build_dataset(self) -> torch.utils.data.Dataset:
         if self._dataset is None:
@@ -312,12 +227,7 @@ class RasterARTask(TrainTask):
 
         tokens_BL = batch["tokens"] if "tokens" in batch else self.encode_images(batch["image"])
         inner = unwrap(model)
-        if inner.text_encoder is not None:
-            ids_BT, mask_BT = inner.text_encoder.tokenize(list(batch["caption"]))
-            condition = {"ids_BT": ids_BT.to(tokens_BL.device), "mask_BT": mask_BT.to(tokens_BL.device)}
-        else:
-            condition = {"label_B": torch.as_tensor(batch["class_label"], device=tokens_BL.device).long()}
-        logits_BNkV = model(tokens_BL, **condition)
+        logits_BNkV = model(tokens_BL, **self.condition_inputs(inner, batch, tokens_BL.device))
         target_BNk = inner.transformer.to_units(tokens_BL)
         loss = F.cross_entropy(logits_BNkV.flatten(0, 2).float(), target_BNk.flatten())
         accuracy = (logits_BNkV.detach().argmax(-1) == target_BNk).float().mean()
@@ -338,21 +248,8 @@ class RasterARTask(TrainTask):
             default_top_p=cfg.sample_top_p, default_temperature=cfg.sample_temperature,
         )
 
-    @torch.no_grad()
     def sample_grid(self, model: nn.Module, step: int):
-        from vgen.imaging import make_grid, tensor_to_pil
-
-        pipe = self.pipeline(model)
-        pipe.set_progress_bar_config(disable=True)
-        cfg = self.cfg
-        if pipe.text_encoder is not None:
-            conditions, kwargs = list(cfg.sample_prompts), {"prompt": list(cfg.sample_prompts)}
-        else:
-            labels = [lab % pipe.transformer.config.num_classes for lab in cfg.sample_class_labels]
-            conditions, kwargs = [f"class {lab}" for lab in labels], {"class_labels": labels}
-        generators = [torch.Generator().manual_seed(i) for i in range(len(conditions))]
-        images = pipe(**kwargs, generator=generators, output_type="pt").images
-        return make_grid(tensor_to_pil(images, value_range=(0.0, 1.0)), [f"{c} (step {step})" for c in conditions])
+        return self.sample_grid_of(self.pipeline(model), step)
 
     def export(self, model: nn.Module, out_dir: Path) -> None:
         pipe = self.pipeline(model)

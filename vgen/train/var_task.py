@@ -22,7 +22,6 @@ writes a complete :class:`vgen.pipelines.var.VARPipeline` folder (tokenizer + tr
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,27 +31,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from vgen.errors import UserError
-from vgen.checkpoints import state_dict_mismatch
-from vgen.models.text_encoder import ShapesTextEncoder, split_words
 from vgen.models.var import VAR, VAR_SIZES, var_size
-from vgen.train.task import TrainTask
-
-WORLDS = ("shapes", "folder")
+from vgen.train.image_generator_task import ConditionedTrainModule, ImageGeneratorTask, ImageGeneratorTaskConfig
 
 
 @dataclass
-class VARTaskConfig:
-    """The ``task:`` section of a VAR run config (``configs/shapes/var_text.yaml``)."""
+class VARTaskConfig(ImageGeneratorTaskConfig):
+    """The ``task:`` section of a VAR run config (``configs/shapes/var_text.yaml``); conditioning, data and sample
+    conditions as :class:`~vgen.train.image_generator_task.ImageGeneratorTaskConfig`."""
 
     #: trained next-scale tokenizer folder (``save_pretrained`` of VAR's ``MultiScaleVQModel`` or NFIG's
     #: ``FrequencyVQModel``, e.g. runs/tokenizer_shapes/final): the transformer predicts its scales / bands
     tokenizer: str = ""
-    #: a saved pipeline folder (``final/`` of an earlier run) whose transformer and text encoder weights start this
-    #: run (fine-tuning with a fresh optimiser and schedule); its sizes must match this config. "" = random init.
-    init_from: str = ""
-    #: glob patterns of the parameters this run trains (names as in ``VARTrainModule``, e.g.
-    #: ``text_encoder.*``, ``transformer.blocks.*.cross_attn.*``); the rest stay frozen. Empty = train everything.
-    trainable: tuple[str, ...] = ()
     # --- transformer size: a registry name (var-d16 ...) or the official rule from ``depth`` (width 64 * depth)
     size: str = ""
     depth: int = 6
@@ -61,26 +51,8 @@ class VARTaskConfig:
     mlp_ratio: float = 4.0
     drop_path_rate: float = -1.0  #: < 0 = official 0.1 * depth / 24
     attn_l2_norm: bool = True
-    # --- conditioning
-    #: "text" (prompts through a trainable ShapesTextEncoder) or "class" (class labels, null class = num_classes)
-    conditioning: str = "text"
-    num_classes: int = 0  #: 0 = the world's number of classes
     cond_drop_rate: float = 0.1
     text_cross_attn: bool = True
-    text_embed_dim: int = 256
-    text_depth: int = 2
-    text_heads: int = 4
-    text_max_length: int = 32
-    #: odd window of words mixed into every text token after the encoder (ShapesTextEncoder ``word_mixing``); 0 = off
-    text_word_mixing: int = 0
-    # --- data
-    world: str = "shapes"
-    data_path: str = ""
-    resolution: int = 64
-    dataset_length: int = 100_000
-    seed: int = 0
-    #: shapes world: relative caption frequency per GenEval tag (e.g. {counting: 2, position: 2}); None = equal
-    tag_weights: dict[str, float] | None = None
     # --- coarse rows: this share of every batch's rows is teacher-forced on the first ``coarse_scales`` scales only.
     #: Such a row costs about (tokens of those scales) / L of a full row (30 / 386 for 4 of the Shapes tokenizer's
     #: 7 scales), so a step sees more layouts for the same compute, and the coarse scales, which decide where objects
@@ -88,15 +60,6 @@ class VARTaskConfig:
     coarse_fraction: float = 0.0
     coarse_scales: int = 0
     # --- sampling: used for the grids during training and saved as the exported pipeline's defaults
-    sample_prompts: tuple[str, ...] = (
-        "a photo of a red circle",
-        "a photo of a blue square",
-        "a photo of a green triangle and a yellow star",
-        "a photo of three purple hexagons",
-        "a photo of an orange diamond left of a white circle",
-        "a photo of a pink star above a black square",
-    )
-    sample_class_labels: tuple[int, ...] = (0, 7, 14, 21, 28, 35)
     sample_guidance_scale: float = 1.5
     sample_top_k: int = 0
     sample_top_p: float = 0.0
@@ -105,16 +68,11 @@ class VARTaskConfig:
     sample_guidance_profile: str | tuple[float, ...] = "ramp"
 
 
-class VARTrainModule(nn.Module):
+class VARTrainModule(ConditionedTrainModule):
     """What the training loop optimises: the VAR transformer plus (text models) the text encoder.
 
     ``forward(x_BLCv_wo_first_l, label_B=None, ids_BT=None, mask_BT=None) -> logits_BLV``.
     """
-
-    def __init__(self, transformer: VAR, text_encoder: ShapesTextEncoder | None):
-        super().__init__()
-        self.transformer = transformer
-        self.text_encoder = text_encoder
 
     def forward(self, x_BLCv_wo_first_l: torch.Tensor, label_B: torch.Tensor | None = None,
                 ids_BT: torch.Tensor | None = None, mask_BT: torch.Tensor | None = None,
@@ -124,11 +82,7 @@ class VARTrainModule(nn.Module):
         k scales only. Without coarse rows: ``logits_BLV``; with them ``(logits_BLV, logits_BlV (Bc, Lk, V))``, both
         from this one call (one forward per step, as DDP expects)."""
         transformer = self.transformer
-        if self.text_encoder is None:
-            cond = transformer.class_condition(label_B)
-        else:
-            pooled_BD, tokens_BTD = self.text_encoder(ids_BT, mask_BT)
-            cond = transformer.text_condition(pooled_BD, tokens_BTD, mask_BT)
+        cond = self.condition(label_B, ids_BT, mask_BT)
         if coarse_x_BlCv is None:
             return transformer(None, x_BLCv_wo_first_l, cond=cond)
         B, Bc = x_BLCv_wo_first_l.shape[0], coarse_x_BlCv.shape[0]
@@ -136,35 +90,17 @@ class VARTrainModule(nn.Module):
                 transformer(None, coarse_x_BlCv, cond=cond.rows(B, B + Bc)))
 
 
-def freeze_all_but(model: nn.Module, patterns: tuple[str, ...]) -> None:
-    """``requires_grad`` only for parameters whose name matches one of the glob ``patterns``; a pattern that matches
-    nothing is an error (a typo would otherwise freeze what it meant to train)."""
-    names = [name for name, _ in model.named_parameters()]
-    unmatched = [pat for pat in patterns if not fnmatch.filter(names, pat)]
-    if unmatched:
-        raise UserError(
-            f"task.trainable: {', '.join(repr(p) for p in unmatched)} match(es) no parameter; names look like "
-            f"{names[0]}, {names[-1]}"
-        )
-    for name, param in model.named_parameters():
-        param.requires_grad_(any(fnmatch.fnmatchcase(name, pat) for pat in patterns))
-
-
-class VARTask(TrainTask):
+class VARTask(ImageGeneratorTask):
     config_class = VARTaskConfig
+    command = "var"
     resumable_changes = ("sample_prompts", "sample_class_labels", "sample_guidance_scale", "sample_top_k",
                          "sample_top_p", "sample_temperature", "sample_guidance_profile")
 
     def __init__(self, cfg: VARTaskConfig):
         super().__init__(cfg)
-        if cfg.conditioning not in ("text", "class"):
-            raise UserError(f"task.conditioning must be 'text' or 'class', got {cfg.conditioning!r}")
-        if cfg.world not in WORLDS:
-            raise UserError(f"task.world must be one of {', '.join(WORLDS)}, got {cfg.world!r}")
         self.vqvae = self._load_tokenizer()
         self._check_coarse_rows()
         self._check_guidance_profile()
-        self._dataset = None
 
     # -- pieces ----------------------------------------------------------------------------------------------
 
@@ -215,25 +151,6 @@ class VARTask(TrainTask):
                 f"task.coarse_fraction is set, got {cfg.coarse_scales}"
             )
 
-    def _vocabulary(self) -> list[str]:
-        if self.cfg.world == "shapes":
-            from vgen.data.shapes import PROMPT_VOCABULARY
-
-            return list(PROMPT_VOCABULARY)
-        words = sorted({w for caption in self.build_dataset().captions for w in split_words(caption)})
-        if not words:
-            raise UserError(f"no captions found under {self.cfg.data_path} (metadata.jsonl); use conditioning: class")
-        return words
-
-    def _num_classes(self) -> int:
-        if self.cfg.num_classes > 0:
-            return self.cfg.num_classes
-        if self.cfg.world == "shapes":
-            from vgen.data.shapes import NUM_CLASSES
-
-            return NUM_CLASSES
-        return len(self.build_dataset().classes)
-
     def transformer_kwargs(self) -> dict[str, Any]:
         cfg = self.cfg
         if cfg.size:
@@ -252,7 +169,7 @@ class VARTask(TrainTask):
         kwargs = dict(
             **size, vocab_size=self.vqvae.vocab_size, Cvae=self.vqvae.Cvae, mlp_ratio=cfg.mlp_ratio,
             attn_l2_norm=cfg.attn_l2_norm, cond_drop_rate=cfg.cond_drop_rate, conditioning=cfg.conditioning,
-            num_classes=self._num_classes(),
+            num_classes=self.num_classes(),
         )
         if cfg.conditioning == "text":
             kwargs.update(text_embed_dim=cfg.text_embed_dim, text_cross_attn=cfg.text_cross_attn)
@@ -261,64 +178,7 @@ class VARTask(TrainTask):
     # -- TrainTask -------------------------------------------------------------------------------------------
 
     def build_model(self) -> VARTrainModule:
-        cfg = self.cfg
-        text_encoder = None
-        if cfg.conditioning == "text":
-            text_encoder = ShapesTextEncoder(
-                vocabulary=self._vocabulary(), embed_dim=cfg.text_embed_dim, depth=cfg.text_depth,
-                num_heads=cfg.text_heads, max_length=cfg.text_max_length, word_mixing=cfg.text_word_mixing,
-            )
-        model = VARTrainModule(VAR(**self.transformer_kwargs()), text_encoder)
-        if cfg.init_from:
-            self._load_initial_weights(model, Path(cfg.init_from))
-        if cfg.trainable:
-            freeze_all_but(model, cfg.trainable)
-        return model
-
-    def _load_initial_weights(self, model: VARTrainModule, folder: Path) -> None:
-        """Copy ``folder``'s transformer (and text encoder) weights into ``model``; one-line errors on a mismatch."""
-        from safetensors.torch import load_file
-
-        parts = {"transformer": model.transformer, "text_encoder": model.text_encoder}
-        for name, module in parts.items():
-            if module is None:
-                continue
-            files = sorted((folder / name).glob("*.safetensors"))
-            if not files:
-                raise UserError(
-                    f"task.init_from: no {name} weights under {folder / name}; give the final/ folder of a "
-                    "'vgen train var' run"
-                )
-            state = load_file(str(files[0]))
-            # blocks that start as the identity (e.g. the text encoder's word mixing) may be new in this run
-            expected = module.state_dict()
-            new_blocks = tuple(getattr(module, "IDENTITY_WHEN_ABSENT", ()))
-            added = [k for k in expected if k not in state and k.startswith(new_blocks)] if new_blocks else []
-            mismatch = state_dict_mismatch({k: v for k, v in expected.items() if k not in added}, state, limit=3)
-            if mismatch:
-                raise UserError(
-                    f"task.init_from: the {name} in {folder} does not match this config's sizes ({mismatch}); "
-                    "set depth/embed_dim/num_heads/text_* as that run had them"
-                )
-            state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-            module.load_state_dict({**{k: expected[k] for k in added}, **state})
-
-    def build_dataset(self) -> torch.utils.data.Dataset:
-        if self._dataset is None:
-            cfg = self.cfg
-            if cfg.world == "shapes":
-                from vgen.data.shapes import ShapesDataset
-
-                self._dataset = ShapesDataset(resolution=cfg.resolution, length=cfg.dataset_length, seed=cfg.seed,
-                                              tag_weights=cfg.tag_weights,
-                                              class_conditional=cfg.conditioning == "class")
-            else:
-                if cfg.tag_weights:
-                    raise UserError("task.tag_weights applies to the shapes world only; remove it for world: folder")
-                from vgen.data.folder import ImageFolderDataset
-
-                self._dataset = ImageFolderDataset(cfg.data_path, resolution=cfg.resolution)
-        return self._dataset
+        return self.prepare_model(VARTrainModule(VAR(**self.transformer_kwargs()), self.build_text_encoder()))
 
     @torch.no_grad()
     def encode_images(self, img_B3HW: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -345,12 +205,7 @@ class VARTask(TrainTask):
 
         idx_Bl, x_BLCv = self.encode_images(batch["image"])
         target_BL = torch.cat(idx_Bl, dim=1)
-        inner = unwrap(model)
-        if inner.text_encoder is not None:
-            ids_BT, mask_BT = inner.text_encoder.tokenize(list(batch["caption"]))
-            condition = {"ids_BT": ids_BT.to(x_BLCv.device), "mask_BT": mask_BT.to(x_BLCv.device)}
-        else:
-            condition = {"label_B": batch["class_label"].long()}
+        condition = self.condition_inputs(unwrap(model), batch, x_BLCv.device)
         num_coarse = self.coarse_rows(target_BL.shape[0])
         num_full = target_BL.shape[0] - num_coarse
         if num_coarse:
@@ -378,28 +233,17 @@ class VARTask(TrainTask):
         metrics["loss_coarse"] = coarse_ce_Bl.detach().mean()
         return (ce_BL.sum() + coarse_ce_Bl.sum()) / (ce_BL.numel() + coarse_ce_Bl.numel()), metrics
 
-    @torch.no_grad()
     def sample_grid(self, model: nn.Module, step: int):
-        from vgen.imaging import make_grid, tensor_to_pil
         from vgen.pipelines.var import VARPipeline
         from vgen.train.loop import unwrap
 
         inner = unwrap(model)
         pipe = VARPipeline(vqvae=self.vqvae.to(inner.transformer.pos_1LC.device), transformer=inner.transformer,
                            text_encoder=inner.text_encoder)
-        pipe.set_progress_bar_config(disable=True)
         cfg = self.cfg
-        if inner.text_encoder is not None:
-            conditions, kwargs = list(cfg.sample_prompts), {"prompt": list(cfg.sample_prompts)}
-        else:
-            labels = [lab % inner.transformer.config.num_classes for lab in cfg.sample_class_labels]
-            conditions, kwargs = [f"class {lab}" for lab in labels], {"class_labels": labels}
-        generators = [torch.Generator().manual_seed(i) for i in range(len(conditions))]
-        images = pipe(**kwargs, guidance_scale=cfg.sample_guidance_scale, top_k=cfg.sample_top_k,
-                      top_p=cfg.sample_top_p, temperature=cfg.sample_temperature,
-                      guidance_profile=cfg.sample_guidance_profile, generator=generators,
-                      output_type="pt").images
-        return make_grid(tensor_to_pil(images, value_range=(0.0, 1.0)), [f"{c} (step {step})" for c in conditions])
+        return self.sample_grid_of(pipe, step, guidance_scale=cfg.sample_guidance_scale, top_k=cfg.sample_top_k,
+                                   top_p=cfg.sample_top_p, temperature=cfg.sample_temperature,
+                                   guidance_profile=cfg.sample_guidance_profile)
 
     def export(self, model: nn.Module, out_dir: Path) -> None:
         from vgen.pipelines.var import VARPipeline
