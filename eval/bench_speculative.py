@@ -7,6 +7,12 @@ per round) and seeds, so load from other processes hits every variant alike. Rep
 per image (median over rounds), ``speedup`` = the median over rounds of (target-only seconds / the setting's seconds
 in that round), target and drafter forwards per image, acceptance rate (drafted units kept) and mean accepted length
 (units per target forward), from the sampler's own counts. The load average at start and end is recorded.
+Class-conditional models (e.g. FlowAR) are called on the class labels in turn instead of prompts.
+
+``--speculative cspd`` (FlowAR pipelines, :mod:`vgen.samplers.cspd`): the target-only reference samples with the
+same Euler-Maruyama SDE (``flow_sampler=sde``); forwards count every model call (prefill, velocity calls, commits;
+CFG rows share a call); ``fallbacks_per_image`` counts units that kept the target's own proposal after
+``rejection_rounds`` failed ones.
 
 Quality (``--quality``): for target-only and every setting, Shapes-GenEval (``--geneval-images-per-prompt`` images
 for each of the 553 prompts) and Shapes-FID (``--fid-samples`` images against ``--fid-ref``, a reference from
@@ -32,14 +38,17 @@ SWEPT = {"mulo-sd": "tau", "lantern": "delta"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="target pipeline folder (next-token)")
-    parser.add_argument("--speculative", default=None, choices=("sjd", "exact", "lantern", "mulo-sd"),
-                        help="the method compared against target-only sampling")
+    parser.add_argument("--model", default=None, help="target pipeline folder (next-token; FlowAR for cspd)")
+    parser.add_argument("--speculative", default=None, choices=("sjd", "exact", "lantern", "mulo-sd", "cspd"),
+                        help="the method compared against target-only sampling (cspd: against target-only sampling "
+                             "with the same SDE, flow_sampler=sde)")
     parser.add_argument("--combine", nargs="+", default=None, metavar="JSON",
                         help="measure nothing: draw the reports of earlier runs into one --plot")
-    parser.add_argument("--drafter", default=None, help="drafter pipeline folder (exact, mulo-sd; optional: lantern)")
+    parser.add_argument("--drafter", default=None,
+                        help="drafter pipeline folder (exact, mulo-sd, cspd; optional: lantern)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KNOB=VALUE",
-                        help="other speculative knobs, e.g. gamma=4 window=16 pool_k=8 radius=1 upsampler=DIR")
+                        help="other speculative knobs, e.g. gamma=4 window=16 pool_k=8 radius=1 upsampler=DIR "
+                             "(cspd: gamma, prefill_fraction, rejection_rounds)")
     parser.add_argument("--sweep", nargs="+", default=None, metavar="VALUE",
                         help="values of the method's knob to compare (tau for mulo-sd, delta for lantern)")
     parser.add_argument("--sweep-knob", default=None, help="sweep another knob than the method's default")
@@ -87,7 +96,8 @@ def settings_list(args: argparse.Namespace, pipe) -> list[tuple[str, dict]]:
     if args.sweep and knob is None:
         raise UserError(f"--speculative {args.speculative} has no default knob to sweep; name one with --sweep-knob")
     values = args.sweep or [None]
-    out = [("target-only", {"speculative": "none"})]
+    # CSpD samples with the Euler-Maruyama SDE: its reference is target-only sampling with the same SDE
+    out = [("target-only", {"speculative": "none", **({"flow_sampler": "sde"} if args.speculative == "cspd" else {})})]
     for value in values:
         options = dict(base) if value is None else {**base, knob: value}
         checked = {name: pipe.option(name).check(v) for name, v in options.items()}
@@ -96,18 +106,29 @@ def settings_list(args: argparse.Namespace, pipe) -> list[tuple[str, dict]]:
     return out
 
 
-def _call(pipe, prompts: list[str], seeds: list[int], options: dict):
+def _call(pipe, prompts: list, seeds: list[int], options: dict):
+    """One call on ``prompts`` (text models) or class labels (class models: ``prompts`` holds labels)."""
     import torch
 
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    return pipe(prompt=prompts, generator=generators, output_type="pt", **options).images
+    condition = {"prompt": prompts} if pipe.is_text_conditional else {"class_labels": prompts}
+    return pipe(**condition, generator=generators, output_type="pt", **options).images
+
+
+def target_only_forwards(pipe, options: dict) -> int:
+    """Model calls per image of target-only sampling: the pipeline's own count when it has one (flow
+    pipelines), else one per unit (next-token: the prefill and one decode per later unit)."""
+    if hasattr(pipe, "target_only_forwards"):
+        return int(pipe.target_only_forwards(**options))
+    return int(pipe.transformer.sequence_length)
 
 
 def measure_speed(pipe, variants, prompts, batch_size: int, repeats: int, device: str) -> list[dict]:
     import torch
 
     times = {label: [] for label, _ in variants}
-    counts = {label: {"target": 0, "drafter": 0, "drafted": 0, "accepted": 0, "units": 0} for label, _ in variants}
+    counts = {label: {"target": 0, "drafter": 0, "drafted": 0, "accepted": 0, "units": 0, "fallbacks": 0}
+              for label, _ in variants}
     for round_ in range(repeats + 1):  # round 0 warms up every variant
         start = (round_ * batch_size) % len(prompts)
         batch = [prompts[(start + i) % len(prompts)] for i in range(batch_size)]
@@ -122,15 +143,16 @@ def measure_speed(pipe, variants, prompts, batch_size: int, repeats: int, device
                 continue
             times[label].append(elapsed / batch_size)
             stats, c = pipe.speculative_stats, counts[label]
-            if stats is None:  # target-only: one prefill and one decode per later unit
-                c["target"] += batch_size * int(pipe.transformer.sequence_length)
-                c["units"] += batch_size * int(pipe.transformer.sequence_length)
+            if stats is None:  # target-only
+                c["target"] += batch_size * target_only_forwards(pipe, options)
+                c["units"] += batch_size * len(_units_of(pipe))
             else:
                 c["target"] += int(stats.target_forwards.sum())
                 c["drafter"] += int(stats.drafter_forwards.sum())
                 c["drafted"] += int(stats.drafted.sum())
                 c["accepted"] += int(stats.accepted.sum())
                 c["units"] += int(stats.units.sum())
+                c["fallbacks"] += int(stats.fallbacks.sum()) if hasattr(stats, "fallbacks") else 0
     base = times["target-only"]
     rows = []
     for label, options in variants:
@@ -143,9 +165,18 @@ def measure_speed(pipe, variants, prompts, batch_size: int, repeats: int, device
             "drafter_forwards_per_image": c["drafter"] / images,
             "acceptance_rate": c["accepted"] / c["drafted"] if c["drafted"] else None,
             "mean_accepted_length": c["units"] / c["target"] if c["target"] else None,
+            "fallbacks_per_image": c["fallbacks"] / images,
             "per_round_seconds_per_image": times[label],
         })
     return rows
+
+
+def _units_of(pipe) -> list:
+    """The generated units of one image: next-token units, or a flow model's units (FlowAR scales)."""
+    transformer = pipe.transformer
+    if hasattr(transformer, "sequence_length"):
+        return list(range(int(transformer.sequence_length)))
+    return list(transformer.unit_shapes)
 
 
 def _folder_name(label: str) -> str:
@@ -212,13 +243,15 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe, model_dir = load_pipeline(args.model, args.device)
-    if not hasattr(pipe, "speculative_tokens"):
-        raise UserError(f"{model_dir} is not a next-token pipeline with speculative decoding")
-    if not pipe.is_text_conditional:
-        raise UserError("vgen bench speculative measures on the Shapes-GenEval prompts: give a text-conditional model")
+    if "speculative" not in {option.name for option in pipe.sampling_options}:
+        raise UserError(f"{model_dir} holds a {type(pipe).__name__}, which has no speculative decoding")
+    pipe.check_option(pipe.option("speculative"), args.speculative)  # one line when the family lacks the method
+    if not pipe.is_text_conditional and args.quality:
+        raise UserError("--quality measures on the Shapes-GenEval prompts: give a text-conditional model")
     pipe.set_progress_bar_config(disable=True)
     variants = settings_list(args, pipe)
-    prompts = load_prompts("shapes")
+    # text models: the Shapes-GenEval prompts; class models: the class labels in turn
+    prompts = load_prompts("shapes") if pipe.is_text_conditional else list(range(pipe.num_classes))
     report = {"model": str(model_dir), "method": args.speculative, "drafter": args.drafter,
               "device": args.device, "threads": torch.get_num_threads(), "repeats": args.repeats,
               "sampling": pipe.resolve_sampling(), "load_average_start": os.getloadavg(), "speed": []}

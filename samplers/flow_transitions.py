@@ -83,7 +83,13 @@ class EulerODE:
 class EulerMaruyamaSDE:
     """Official ``euler_maruyama_sampler``: stochastic steps with ``w(t) = 2t``, then a deterministic last step
     (the drift mean, as the official sampler returns ``mean_x``). Use it with :func:`~vgen.samplers.flow_grids.
-    xar_time_grid` (the last step starts at ``t_min > 0``: the score divides by t)."""
+    xar_time_grid` (the last step starts at ``t_min > 0``: the score divides by t).
+
+    ``diffusion_scale`` multiplies ``w(t)`` (default 1: the official sampler). Any scale gives a reverse SDE with the
+    same marginals (0 is the probability-flow ODE); CSpD's tests use another scale for the draft to give the two
+    models different transition stds, as models with learned variances have."""
+
+    diffusion_scale: float = 1.0
 
     def is_stochastic(self, step: int, num_steps: int) -> bool:
         return step < num_steps - 1
@@ -91,6 +97,8 @@ class EulerMaruyamaSDE:
     def transition(self, x, v, t_cur, t_next, step, num_steps) -> GaussianTransition:
         dt = t_next - t_cur
         diffusion = diffusion_coefficient(t_cur)
+        if self.diffusion_scale != 1.0:
+            diffusion = self.diffusion_scale * diffusion
         drift = v - 0.5 * diffusion * score_from_velocity(v, x, t_cur)
         if step == num_steps - 1:
             return GaussianTransition(mean=x + dt * drift, diffusion_sqrt=_ZERO, step_sqrt=_ZERO)

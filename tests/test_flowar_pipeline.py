@@ -22,6 +22,11 @@ from vgen.pipelines import load_pipeline
 from vgen.pipelines.flowar import FlowARPipeline
 
 
+#: the sampler and CSpD settings a pipeline saves unless told otherwise
+FLOW_SAMPLER_DEFAULTS = {"flow_sampler": "ode", "speculative": "none", "drafter": "", "gamma": 4,
+                         "prefill_fraction": 0.05, "rejection_rounds": 32}
+
+
 def tiny_flowar(**overrides) -> FlowAR:
     torch.manual_seed(0)
     config = dict(latent_channels=4, scales=(1, 2, 4), encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2,
@@ -71,7 +76,8 @@ def test_convert_writes_a_pipeline_with_official_weights_and_settings(converted)
     for key, value in pipe.transformer.state_dict().items():
         assert torch.equal(value, ref[key]), key
     assert pipe.vae.scale_factor == 0.2325  # MAR's kl16 factor for official files
-    assert pipe.sampling_defaults() == {"guidance_scale": 2.4, "guidance_interval": 0.9, "num_steps": 25}
+    assert pipe.sampling_defaults() == {"guidance_scale": 2.4, "guidance_interval": 0.9, "num_steps": 25,
+                                        **FLOW_SAMPLER_DEFAULTS}
     assert pipe.resolution == 8
 
 
@@ -125,7 +131,8 @@ def test_class_pipeline_call_save_load_and_batch_independence(tmp_path):
     loaded, _ = load_pipeline(tmp_path / "p", "cpu")
     loaded.set_progress_bar_config(disable=True)
     assert isinstance(loaded, FlowARPipeline)
-    assert loaded.sampling_defaults() == {"guidance_scale": 3.0, "guidance_interval": 0.9, "num_steps": 6}
+    assert loaded.sampling_defaults() == {"guidance_scale": 3.0, "guidance_interval": 0.9, "num_steps": 6,
+                                          **FLOW_SAMPLER_DEFAULTS}
     again = loaded(class_labels=[3], generator=[torch.Generator().manual_seed(2)], output_type="pt").images
     assert (again - alone).abs().max().item() < 1e-5
     other = loaded(class_labels=[3], num_steps=4, generator=[torch.Generator().manual_seed(2)], output_type="pt")

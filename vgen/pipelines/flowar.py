@@ -17,6 +17,14 @@ diffusers conventions (from :class:`vgen.pipelines.base.VGenPipeline`): one step
 see :meth:`FlowARPipeline.__call__`), ``pipe._interrupt = True``, ``output_type="latent"`` (the scaled latents
 (B, C, h, w) the autoencoder decodes; ``decode_latents`` turns them into the images), ``unconditional=True`` and
 ``set_progress_bar_config`` (a bar over the scales).
+
+``flow_sampler="sde"`` samples every scale with Euler-Maruyama instead (:class:`~vgen.samplers.flow_transitions.
+EulerMaruyamaSDE` on :func:`~vgen.samplers.flow_grids.xar_time_grid`: ``num_steps - 1`` stochastic steps on
+``[1, 0.04]`` and a final drift step). ``speculative="cspd"`` with a ``drafter`` (a smaller FlowAR pipeline folder
+on the same autoencoder and scales) runs continuous speculative decoding (:func:`vgen.samplers.cspd.generate_cspd`)
+on that SDE, with ``gamma``, ``prefill_fraction`` and ``rejection_rounds``; its reference is ``flow_sampler="sde"``
+target-only sampling, and its counts are in ``pipe.speculative_stats``
+(:class:`~vgen.samplers.cspd.CSpDStats`).
 """
 
 from __future__ import annotations
@@ -31,8 +39,11 @@ import vgen.tokenizers.kl_autoencoder  # noqa: F401
 from vgen.errors import UserError
 from vgen.models.flowar import FlowAR
 from vgen.pipelines.base import VGenPipeline, options_of
-from vgen.samplers.flow_grids import flowar_time_grid
-from vgen.samplers.flow_transitions import EulerODE
+from vgen.pipelines.registry import FLOW_SPECULATIVE_METHODS
+from vgen.pipelines.speculative import DrafterFoldersMixin
+from vgen.samplers.cspd import CSpDSettings, generate_cspd
+from vgen.samplers.flow_grids import flowar_time_grid, xar_time_grid
+from vgen.samplers.flow_transitions import EulerMaruyamaSDE, EulerODE
 from vgen.samplers.flow_units import generate_flow_units
 from vgen.samplers.guidance import WeightRampCFG
 
@@ -47,7 +58,20 @@ def check_continuous_autoencoder(vae, transformer: FlowAR) -> None:
                         f"expects {transformer.config.latent_channels}; pass the autoencoder it was trained on")
 
 
-class FlowARPipeline(VGenPipeline):
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Whether two modules hold the same configuration (when they have one), parameters and buffers."""
+    def settings(module):  # the configuration without diffusers' bookkeeping (_name_or_path, ...)
+        return {k: v for k, v in dict(getattr(module, "config", {})).items() if not k.startswith("_")}
+
+    if settings(a) != settings(b):
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    if sa.keys() != sb.keys():
+        return False
+    return all(sa[k].shape == sb[k].shape and torch.equal(sa[k].detach().cpu(), sb[k].detach().cpu()) for k in sa)
+
+
+class FlowARPipeline(DrafterFoldersMixin, VGenPipeline):
     """Components: ``vae`` (:class:`vgen.tokenizers.kl_autoencoder.AutoencoderKL`, latents scaled by its
     ``scale_factor``), ``transformer`` (:class:`vgen.models.flowar.FlowAR`) and, for text models, ``text_encoder``
     (e.g. :class:`vgen.models.text_encoder.ShapesTextEncoder`)."""
@@ -65,13 +89,61 @@ class FlowARPipeline(VGenPipeline):
     )
 
     def __init__(self, vae, transformer: FlowAR, text_encoder=None, default_guidance_scale: float = 2.4,
-                 default_guidance_interval: float = 0.9, default_num_steps: int = 25):
+                 default_guidance_interval: float = 0.9, default_num_steps: int = 25,
+                 default_flow_sampler: str = "ode", default_speculative: str = "none", default_drafter: str = "",
+                 default_gamma: int = 4, default_prefill_fraction: float = 0.05, default_rejection_rounds: int = 32):
         super().__init__()
         check_continuous_autoencoder(vae, transformer)
         self.register_modules(vae=vae, transformer=transformer, text_encoder=text_encoder)
         # The model's own sampling settings (saved in model_index.json): what a call uses for knobs left at None.
         self.register_sampling_defaults(guidance_scale=default_guidance_scale,
-                                        guidance_interval=default_guidance_interval, num_steps=default_num_steps)
+                                        guidance_interval=default_guidance_interval, num_steps=default_num_steps,
+                                        flow_sampler=default_flow_sampler, speculative=default_speculative,
+                                        drafter=default_drafter, gamma=default_gamma,
+                                        prefill_fraction=default_prefill_fraction,
+                                        rejection_rounds=default_rejection_rounds)
+
+    def check_option(self, option, value):
+        """The shared ``speculative`` flag also names the next-token methods: FlowAR takes none and cspd."""
+        value = super().check_option(option, value)
+        if option.name == "speculative" and value not in FLOW_SPECULATIVE_METHODS:
+            raise UserError(f"speculative {value} is for next-token models; FlowAR takes "
+                            f"{', '.join(FLOW_SPECULATIVE_METHODS)}")
+        return value
+
+    def check_drafter(self, drafter, path, method: str) -> None:
+        """One :class:`UserError` line unless ``drafter`` is a FlowAR pipeline with this model's scales, token
+        channels and conditioning on the same autoencoder (its units are decoded by this pipeline's)."""
+        mine, theirs = self.transformer, getattr(drafter, "transformer", None)
+        if not isinstance(theirs, FlowAR) or getattr(drafter, "vae", None) is None:
+            raise UserError(f"the drafter {path} is not a FlowAR pipeline; --speculative cspd drafts with a smaller "
+                            "FlowAR on the same autoencoder")
+        if list(theirs.unit_shapes) != list(mine.unit_shapes) or theirs.config.patch_size != mine.config.patch_size:
+            raise UserError(f"the drafter {path} generates scales {list(theirs.config.scales)} of "
+                            f"{theirs.token_channels} channels, this model {list(mine.config.scales)} of "
+                            f"{mine.token_channels}; a drafter must share the scales and the autoencoder")
+        if bool(mine.is_text_conditional) != bool(theirs.is_text_conditional):
+            raise UserError(f"the drafter {path} and this model are conditioned differently (text vs class labels)")
+        checked = self.__dict__.setdefault("_same_vae", {})
+        if id(drafter) not in checked:
+            checked[id(drafter)] = same_weights(self.vae, drafter.vae)
+        if not checked[id(drafter)]:
+            raise UserError(f"the drafter {path} uses another autoencoder than this model (a drafter must be trained "
+                            "on the same autoencoder's latents)")
+
+    def flow_sampling(self, flow_sampler: str, num_steps: int):
+        """``(time grid, integrator)`` of ``flow_sampler``: FlowAR's Euler ODE or the Euler-Maruyama SDE."""
+        if flow_sampler == "sde":
+            return xar_time_grid(num_steps), EulerMaruyamaSDE()
+        return flowar_time_grid(num_steps), EulerODE()
+
+    def target_only_forwards(self, **options) -> int:
+        """Model calls per image of target-only sampling with ``options``: the prefill, one velocity call per step
+        of every scale (CFG rows go in the same call), one commit per scale but the last."""
+        settings = self.resolve_sampling(**options)
+        grid, _ = self.flow_sampling(settings["flow_sampler"], settings["num_steps"])
+        scales = len(self.transformer.unit_shapes)
+        return 1 + scales * (grid.numel() - 1) + scales - 1
 
     @property
     def resolution(self) -> int:
@@ -105,6 +177,12 @@ class FlowARPipeline(VGenPipeline):
         guidance_scale: float | None = None,
         guidance_interval: float | None = None,
         num_steps: int | None = None,
+        flow_sampler: str | None = None,
+        speculative: str | None = None,
+        drafter: str | None = None,
+        gamma: int | None = None,
+        prefill_fraction: float | None = None,
+        rejection_rounds: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -125,6 +203,13 @@ class FlowARPipeline(VGenPipeline):
                 for FlowAR-S/L, 0.7 for FlowAR-H).
             num_steps: FlowAR's time grid: ``num_steps // 2`` points on [1, 0.3] and ``num_steps // 2 + 1`` on
                 [0.25, 0] (25 -> 24 Euler steps per scale); 50 -> 50 uniform steps.
+                With ``flow_sampler="sde"``: ``num_steps - 1`` Euler-Maruyama steps and a final drift step.
+            flow_sampler: ``"ode"`` (official Euler ODE) or ``"sde"`` (Euler-Maruyama; what cspd samples with).
+            speculative: ``"none"`` or ``"cspd"`` (continuous speculative decoding on the SDE; needs ``drafter``).
+            drafter: a smaller FlowAR pipeline folder on the same autoencoder and scales (for cspd).
+            gamma, prefill_fraction, rejection_rounds: CSpD's units drafted per round, the fraction of scales the
+                target generates first, and the proposals per rejected unit (:class:`vgen.samplers.cspd.
+                CSpDSettings`).
                 Every knob left at None takes the model's saved setting (:meth:`sampling_defaults`).
             generator: one ``torch.Generator`` per image (images independent of batch size) or a single one.
             output_type: ``"pil"``, ``"np"`` (B, H, W, 3) floats in [0, 1], ``"pt"`` (B, 3, H, W) in [0, 1] or
@@ -149,24 +234,40 @@ class FlowARPipeline(VGenPipeline):
         """
         self.check_output_type(output_type)
         sampling = self.resolve_sampling(guidance_scale=guidance_scale, guidance_interval=guidance_interval,
-                                         num_steps=num_steps)
+                                         num_steps=num_steps, flow_sampler=flow_sampler, speculative=speculative,
+                                         drafter=drafter, gamma=gamma, prefill_fraction=prefill_fraction,
+                                         rejection_rounds=rejection_rounds)
         cond, _captions = self.encode_condition(prompt, class_labels, num_images_per_prompt, unconditional)
         batch_size = cond.batch_size
-        on_step_end = self.step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs,
-                                         len(self.transformer.scales))
-        out = generate_flow_units(
-            self.transformer,
-            cond,
-            batch_size,
-            time_grid=flowar_time_grid(sampling["num_steps"]),
-            integrator=EulerODE(),
-            guidance_scale=sampling["guidance_scale"],
-            guidance_schedule=WeightRampCFG(),
-            guidance_interval=(0.0, sampling["guidance_interval"]),
-            generators=self.generators_for(generator, batch_size),
-            progress=self.progress_bar,
-            on_step_end=on_step_end,
-        )
+        common = dict(guidance_scale=sampling["guidance_scale"], guidance_schedule=WeightRampCFG(),
+                      guidance_interval=(0.0, sampling["guidance_interval"]),
+                      generators=self.generators_for(generator, batch_size))
+        self.speculative_stats = None
+        if sampling["speculative"] == "cspd":
+            if not sampling["drafter"]:
+                raise UserError("--speculative cspd needs a drafter: pass --drafter DIR (a smaller FlowAR pipeline "
+                                "folder on the same autoencoder)")
+            if callback_on_step_end is not None:
+                raise UserError("callback_on_step_end is not supported with speculative='cspd' (its steps are drafted "
+                                "windows of scales); sample target-only to use a callback")
+            # a drafter equal to the saved one (the CLI passes every resolved setting) is relative to the folder
+            given = drafter is not None and drafter != self.sampling_defaults()["drafter"]
+            draft_pipe = self.drafter_pipeline(sampling["drafter"], given, "cspd")
+            draft_cond, _ = draft_pipe.encode_condition(prompt, class_labels, num_images_per_prompt, unconditional)
+            time_grid, integrator = self.flow_sampling("sde", sampling["num_steps"])
+            settings = CSpDSettings(gamma=sampling["gamma"], prefill_fraction=sampling["prefill_fraction"],
+                                    rejection_rounds=sampling["rejection_rounds"])
+            out = generate_cspd(self.transformer, draft_pipe.transformer, cond, draft_cond, batch_size, time_grid,
+                                integrator, settings, **common)
+            self.speculative_stats = out.stats
+        else:
+            if drafter:
+                raise UserError("--drafter is for --speculative cspd; leave it out for target-only sampling")
+            on_step_end = self.step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                             len(self.transformer.scales))
+            time_grid, integrator = self.flow_sampling(sampling["flow_sampler"], sampling["num_steps"])
+            out = generate_flow_units(self.transformer, cond, batch_size, time_grid=time_grid, integrator=integrator,
+                                      progress=self.progress_bar, on_step_end=on_step_end, **common)
         latents = self.transformer.tokens_to_latents(out.units[-1])
         if return_latents:
             return latents

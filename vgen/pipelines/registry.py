@@ -94,7 +94,11 @@ VAR_OPTIONS = (
 
 
 #: speculative decoding methods of next-token pipelines (:mod:`vgen.pipelines.speculative`)
-SPECULATIVE_METHODS = ("none", "sjd", "exact", "lantern", "mulo-sd")
+NEXT_TOKEN_SPECULATIVE_METHODS = ("none", "sjd", "exact", "lantern", "mulo-sd")
+#: speculative decoding methods of continuous-token (flow) pipelines (:mod:`vgen.pipelines.flowar`)
+FLOW_SPECULATIVE_METHODS = ("none", "cspd")
+#: every method (one ``--speculative`` flag for all families; each family refuses the methods it does not have)
+SPECULATIVE_METHODS = NEXT_TOKEN_SPECULATIVE_METHODS + FLOW_SPECULATIVE_METHODS[1:]
 
 
 def speculative_method(text: str) -> str:
@@ -129,11 +133,14 @@ SPECULATIVE_OPTIONS = (
     SamplingOption("speculative", speculative_method, "none",
                    "speculative decoding: none; sjd (lossless, the target alone); exact (lossless, needs --drafter); "
                    "lantern (relaxed acceptance, --pool-k / --delta; with --drafter or self-speculative); mulo-sd "
-                   "(lossy, a lower-resolution --drafter, --tau)", metavar="|".join(SPECULATIVE_METHODS)),
+                   "(lossy, a lower-resolution --drafter, --tau); cspd (continuous tokens: FlowAR; approximate in "
+                   "general, needs --drafter, --gamma, --prefill-fraction, --rejection-rounds; samples with the SDE)",
+                   metavar="|".join(SPECULATIVE_METHODS)),
     SamplingOption("drafter", folder_or_empty, "",
-                   "drafter pipeline folder (same tokenizer) for --speculative exact, lantern or mulo-sd", metavar="DIR"),
+                   "drafter pipeline folder (same tokenizer / autoencoder) for --speculative exact, lantern, mulo-sd "
+                   "or cspd", metavar="DIR"),
     SamplingOption("gamma", draft_units, 4,
-                   "units the drafter proposes per round (exact, lantern with a drafter), 1-16"),
+                   "units the drafter proposes per round (exact, lantern with a drafter, cspd), 1-16"),
     SamplingOption("window", draft_units, 16,
                    "units in speculative Jacobi decoding's draft window (sjd, lantern without a drafter), 1-16"),
     SamplingOption("pool_k", nonnegative_int, 8,
@@ -225,6 +232,22 @@ def flow_grid_steps(text) -> int:
     return bounded_int(text, 2)
 
 
+def _speculative_option(name: str) -> SamplingOption:
+    return next(option for option in SPECULATIVE_OPTIONS if option.name == name)
+
+
+#: continuous speculative decoding (:mod:`vgen.samplers.cspd`) for flow families: the shared ``speculative``,
+#: ``drafter`` and ``gamma`` declarations plus CSpD's own knobs
+FLOW_SPECULATIVE_OPTIONS = (
+    _speculative_option("speculative"),
+    _speculative_option("drafter"),
+    _speculative_option("gamma"),
+    SamplingOption("prefill_fraction", probability, 0.05,
+                   "cspd: fraction rho of the AR units the target generates before drafting starts (ceil(rho K))"),
+    SamplingOption("rejection_rounds", positive_int, 32,
+                   "cspd: proposals from the target's last transition per rejected unit before it keeps the last one"),
+)
+
 #: the knobs of FlowAR's flow sampling (Euler ODE per scale, CFG ramp over the scales with a flow-time interval)
 FLOWAR_OPTIONS = (
     SamplingOption("guidance_scale", finite_float, 2.4,
@@ -232,7 +255,12 @@ FLOWAR_OPTIONS = (
     SamplingOption("guidance_interval", probability, 0.9,
                    "guidance only at flow times t <= this value (t = 1 is noise; official 0.9, FlowAR-H 0.7)"),
     SamplingOption("num_steps", flow_grid_steps, 25,
-                   "flow steps per scale on FlowAR's grid (25: 24 non-uniform Euler steps; 50: uniform)"),
+                   "flow steps per scale on FlowAR's grid (25: 24 non-uniform Euler steps; 50: uniform); with the "
+                   "sde sampler: num_steps - 1 stochastic steps on [1, 0.04] and a final drift step"),
+    SamplingOption("flow_sampler", one_of("ode", "sde"), "ode",
+                   "FlowAR: 'ode' (official Euler ODE on FlowAR's grid) or 'sde' (Euler-Maruyama on the xAR grid, "
+                   "what --speculative cspd samples with and compares against)", metavar="ode|sde"),
+    *FLOW_SPECULATIVE_OPTIONS,
 )
 
 

@@ -35,7 +35,7 @@ from vgen.errors import UserError
 
 #: the knobs of speculative decoding (the rest of a call's sampling settings belong to the family)
 SPECULATIVE_KNOBS = ("speculative", "drafter", "gamma", "window", "pool_k", "delta", "tau", "radius", "draft_rows",
-                     "island_lag", "upsampler")
+                     "island_lag", "upsampler", "prefill_fraction", "rejection_rounds")
 #: knobs that hold folder paths (saved relative to the pipeline folder)
 PATH_KNOBS = ("drafter", "upsampler")
 #: methods that cannot run without a drafter
@@ -50,12 +50,14 @@ def same_tokenizer(a, b) -> bool:
                        b.quantize.embedding.weight.detach().float().cpu())
 
 
-class SpeculativeNextTokenMixin:
-    """Speculative decoding for a next-token pipeline with components ``vqvae`` (single-scale VQ) and
-    ``transformer`` (a :class:`~vgen.samplers.interfaces.NextTokenModel`). Put it before ``VGenPipeline`` in the
-    bases; the pipeline's ``__call__`` hands its resolved settings to :meth:`speculative_tokens`."""
+class DrafterFoldersMixin:
+    """What every speculative pipeline shares: path knobs (``drafter``, ``upsampler``) resolved as given at call
+    time or relative to the pipeline folder when saved, ``save_pretrained`` writing them relative to the new folder,
+    and the drafter pipeline loaded once and checked by the pipeline's own :meth:`check_drafter`. Put it before
+    ``VGenPipeline`` in the bases."""
 
-    speculative_stats = None  #: :class:`vgen.samplers.speculative_core.SpeculativeStats` of the last call, or None
+    speculative_stats = None  #: the sampler's counts of the last call (:class:`vgen.samplers.speculative_core.
+    #: SpeculativeStats` or a subclass), or None
 
     # -- paths -------------------------------------------------------------------------------------------------
 
@@ -103,6 +105,26 @@ class SpeculativeNextTokenMixin:
         drafter = cache[key]
         self.check_drafter(drafter, path, method)
         return drafter
+
+    def check_drafter(self, drafter, path: Path, method: str) -> None:
+        """One :class:`UserError` line when ``drafter`` cannot draft for this pipeline with ``method``."""
+        raise NotImplementedError
+
+
+class SpeculativeNextTokenMixin(DrafterFoldersMixin):
+    """Speculative decoding for a next-token pipeline with components ``vqvae`` (single-scale VQ) and
+    ``transformer`` (a :class:`~vgen.samplers.interfaces.NextTokenModel`). Put it before ``VGenPipeline`` in the
+    bases; the pipeline's ``__call__`` hands its resolved settings to :meth:`speculative_tokens`."""
+
+    def check_option(self, option, value):
+        """The shared ``speculative`` flag also names the flow families' methods: refuse those here."""
+        from vgen.pipelines.registry import NEXT_TOKEN_SPECULATIVE_METHODS
+
+        value = super().check_option(option, value)
+        if option.name == "speculative" and value not in NEXT_TOKEN_SPECULATIVE_METHODS:
+            raise UserError(f"speculative {value} is for continuous-token (FlowAR) models; this next-token model "
+                            f"takes {', '.join(NEXT_TOKEN_SPECULATIVE_METHODS)}")
+        return value
 
     def check_drafter(self, drafter, path: Path, method: str) -> None:
         """One :class:`UserError` line when ``drafter`` cannot draft for this pipeline with ``method``."""
