@@ -68,8 +68,8 @@ def test_entity_orders_are_the_stated_ones():
 
 
 @pytest.mark.parametrize("kind,size,grid,message", [
-    ("cell", 3, 16, "xAR cell cell side 3 does not divide the 16x16 token grid"),
-    ("subsample", 5, 16, "dilation 5 does not divide the 16x16 token grid"),
+    ("cell", 3, 16, "xAR cell side 3 does not divide the 16x16 token grid; choose a divisor of 16 (1, 2, 4, 8, 16)"),
+    ("subsample", 5, 16, "xAR subsample dilation 5 does not divide the 16x16 token grid"),
     ("scale", 2, 16, "unknown xAR entity 'scale'"),
     ("cell", None, 16, "needs a size"),
 ])

@@ -108,8 +108,8 @@ def entity_layout(kind: str, grid: int, size: int | None = None) -> EntityLayout
         raise UserError(f"the {kind!r} entity needs a size (the cell side or the dilation), dividing {grid}")
     size = int(size)
     if size < 1 or grid % size:
-        what = "cell side" if kind in ("cell", "token", "image") else "dilation"
-        raise UserError(f"xAR {kind} {what} {size} does not divide the {grid}x{grid} token grid; choose a divisor of "
+        what = "cell side" if kind in ("cell", "token", "image") else "subsample dilation"
+        raise UserError(f"xAR {what} {size} does not divide the {grid}x{grid} token grid; choose a divisor of "
                         f"{grid} ({', '.join(str(d) for d in range(1, grid + 1) if grid % d == 0)})")
     # built on the CPU explicitly: models are also constructed under torch.device("meta") (checkpoint loading)
     raster = torch.arange(grid * grid, device="cpu").view(grid, grid)

@@ -120,7 +120,7 @@ class FlowARTrainModule(nn.Module):
         return transformer(latents_BChw, cond=cond)
 
 
-def load_autoencoder(folder: str | Path, what: str = "task.autoencoder"):
+def load_autoencoder(folder: str | Path, what: str = "task.autoencoder", family: str = "FlowAR"):
     """A trained KL autoencoder folder -> frozen :class:`~vgen.tokenizers.kl_autoencoder.AutoencoderKL` (eval), or
     one :class:`UserError` line (missing folder, or a VQ tokenizer where continuous latents are needed)."""
     import json
@@ -133,13 +133,16 @@ def load_autoencoder(folder: str | Path, what: str = "task.autoencoder"):
                         "train one with 'vgen train autoencoder' and pass its final/ folder")
     class_name = json.loads((path / "config.json").read_text()).get("_class_name", "")
     if class_name != AutoencoderKL.__name__:
-        raise UserError(f"{what} {path} holds a {class_name or 'non-vgen'} model, but FlowAR generates continuous "
+        raise UserError(f"{what} {path} holds a {class_name or 'non-vgen'} model, but {family} generates continuous "
                         "latents: give a KL autoencoder (AutoencoderKL, 'vgen train autoencoder'), not a VQ tokenizer")
     return AutoencoderKL.from_pretrained(str(path), low_cpu_mem_usage=False).eval().requires_grad_(False)
 
 
 class FlowARTask(TrainTask):
     config_class = FlowARTaskConfig
+    #: the generator class and the task's name (xAR's task, :mod:`vgen.train.xar_task`, reuses this one with its own)
+    model_class: type = FlowAR
+    family, family_title = "flowar", "FlowAR"
 
     def __init__(self, cfg: FlowARTaskConfig):
         super().__init__(cfg)
@@ -147,11 +150,11 @@ class FlowARTask(TrainTask):
             raise UserError(f"task.conditioning must be 'text' or 'class', got {cfg.conditioning!r}")
         if cfg.world not in WORLDS:
             raise UserError(f"task.world must be one of {', '.join(WORLDS)}, got {cfg.world!r}")
-        self.vae = load_autoencoder(cfg.autoencoder)
+        self.vae = load_autoencoder(cfg.autoencoder, family=self.family_title)
         self.latent_side = self.vae.latent_size(cfg.resolution)[0]
         self._dataset = None
         with torch.device("meta"):  # configuration errors before the run starts (nothing allocated)
-            FlowAR(**self.transformer_kwargs())
+            self.model_class(**self.transformer_kwargs())
 
     # -- pieces ----------------------------------------------------------------------------------------------
 
@@ -225,7 +228,7 @@ class FlowARTask(TrainTask):
                 vocabulary=self._vocabulary(), embed_dim=cfg.text_embed_dim, depth=cfg.text_depth,
                 num_heads=cfg.text_heads, max_length=cfg.text_max_length, word_mixing=cfg.text_word_mixing,
             )
-        model = FlowARTrainModule(FlowAR(**self.transformer_kwargs()), text_encoder)
+        model = FlowARTrainModule(self.model_class(**self.transformer_kwargs()), text_encoder)
         if cfg.init_from:
             self._load_initial_weights(model, Path(cfg.init_from))
         if cfg.trainable:
@@ -241,7 +244,7 @@ class FlowARTask(TrainTask):
             files = sorted((folder / name).glob("*.safetensors"))
             if not files:
                 raise UserError(f"task.init_from: no {name} weights under {folder / name}; give the final/ folder of "
-                                "a 'vgen train flowar' run")
+                                f"a 'vgen train {self.family}' run")
             state = read_state_dict(files[0], what=f"task.init_from {name} weights")
             mismatch = state_dict_mismatch(module.state_dict(), state, limit=3)
             if mismatch:
