@@ -261,9 +261,10 @@ class XAR(ModelMixin, ConfigMixin, ConditionedModel):
             raise UserError(f"xAR expects latents of shape (B, {C}, {side}, {side}); got {tuple(latents_BChw.shape)} "
                             f"(an autoencoder with {C} latent channels is needed)")
         if tuple(latents_BChw.shape[2:]) != (side, side):
-            raise UserError(f"this xAR model generates a {side}x{side} latent ({self.config.grid_size} tokens per side, "
-                            f"patch {self.config.patch_size}), got {latents_BChw.shape[2]}x{latents_BChw.shape[3]}: "
-                            "use the image resolution it was built for")
+            h, w = latents_BChw.shape[2:]
+            raise UserError(f"this xAR model generates a {side}x{side} latent ({self.config.grid_size} tokens per "
+                            f"side, patch {self.config.patch_size}), got {h}x{w}: use the image resolution it was "
+                            "built for")
 
     def latents_to_sequence(self, latents_BChw: torch.Tensor) -> torch.Tensor:
         """(B, C, side, side) -> tokens (B, L, C p^2) in sequence order (official ``clusterify``, cells joined)."""

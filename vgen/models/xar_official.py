@@ -22,7 +22,7 @@ import torch
 
 from vgen.checkpoints import check_state_dict, read_state_dict
 from vgen.errors import UserError
-from vgen.models.layers import VisionRoPE2D, eva_rope_frequencies
+from vgen.models.flowar_official import heads_from_rope, recompute_rope_frequencies, stack_depth
 from vgen.models.xar import XAR, XAR_SAMPLING, XAR_SIZES
 
 #: buffers official files carry that vgen recomputes (as non-persistent buffers of the model)
@@ -36,19 +36,6 @@ def _is_rope_buffer(key: str) -> bool:
     return key.endswith(_ROPE_SUFFIXES)
 
 
-def _depth(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
-    return 1 + max((int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)), default=-1)
-
-
-def _heads(sd: Mapping[str, torch.Tensor], freqs_key: str, width: int, default: int | None) -> int:
-    if freqs_key in sd:  # head_dim / 4 frequencies
-        return width // (4 * sd[freqs_key].numel())
-    if default is None:
-        raise UserError(f"cannot tell the number of heads: the checkpoint has no {freqs_key} and its width {width} is "
-                        "not an official one; pass the number of heads explicitly")
-    return default
-
-
 def official_xar_config(sd: Mapping[str, torch.Tensor], **given: Any) -> dict[str, Any]:
     """XAR constructor kwargs inferred from an official state dict; ``given`` ones win."""
     required = ("class_emb.weight", "time_embed.mlp.0.weight", "z_proj.weight", "encoder_pos_embed_learned",
@@ -60,8 +47,8 @@ def official_xar_config(sd: Mapping[str, torch.Tensor], **given: Any) -> dict[st
     L = sd["encoder_pos_embed_learned"].shape[1]
     grid = math.isqrt(L)
     if grid * grid != L or grid % 2:
-        raise UserError(f"cannot read xAR's token grid from {L} position-table rows (official: 256 = 16 x 16, cut into "
-                        "2 x 2 cells)")
+        raise UserError(f"cannot read xAR's token grid from {L} position-table rows (official: 256 = 16 x 16, cut "
+                        "into 2 x 2 cells)")
     return dict(
         latent_channels=sd["z_proj.weight"].shape[1],
         patch_size=1,
@@ -69,13 +56,13 @@ def official_xar_config(sd: Mapping[str, torch.Tensor], **given: Any) -> dict[st
         entity="cell",
         entity_size=grid // 2,  # official: clusters = 4, i.e. 2 x 2 cells
         encoder_embed_dim=De,
-        encoder_depth=_depth(sd, "encoder_blocks."),
-        encoder_num_heads=_heads(sd, "encoder_blocks.0.attn.rope.freqs", De,
-                                 given.get("encoder_num_heads", _OFFICIAL_HEADS.get(De))),
+        encoder_depth=stack_depth(sd, "encoder_blocks."),
+        encoder_num_heads=heads_from_rope(sd, "encoder_blocks.0.attn.rope.freqs", De,
+                                          given.get("encoder_num_heads", _OFFICIAL_HEADS.get(De))),
         decoder_embed_dim=Dd,
-        decoder_depth=_depth(sd, "decoder_blocks."),
-        decoder_num_heads=_heads(sd, "decoder_blocks.0.attn.rope.freqs", Dd,
-                                 given.get("decoder_num_heads", _OFFICIAL_HEADS.get(Dd))),
+        decoder_depth=stack_depth(sd, "decoder_blocks."),
+        decoder_num_heads=heads_from_rope(sd, "decoder_blocks.0.attn.rope.freqs", Dd,
+                                          given.get("decoder_num_heads", _OFFICIAL_HEADS.get(Dd))),
         num_classes=sd["class_emb.weight"].shape[0] - 1,
         conditioning="class",
     ) | given
@@ -94,21 +81,6 @@ def official_sampling_defaults(model: XAR) -> dict[str, float]:
     return dict(XAR_SAMPLING[official_size_name(model.config) or "xar-b"])
 
 
-@torch.no_grad()
-def _recompute_rope_frequencies(model: XAR, saved: Mapping[str, torch.Tensor]) -> None:
-    """Give every RoPE its frequencies (theta 10000 over its head width); refuse a file whose copies differ."""
-    for name, module in model.named_modules():
-        if isinstance(module, VisionRoPE2D):
-            head_dim = 4 * module.freqs.shape[0]
-            freqs = eva_rope_frequencies(head_dim)
-            key = f"{name}.freqs"
-            if key in saved and (saved[key].shape != freqs.shape or
-                                 not torch.allclose(saved[key].float(), freqs, rtol=1e-6, atol=0)):
-                raise UserError(f"the xAR checkpoint's {key} is not the official RoPE (theta 10000 over head width "
-                                f"{head_dim}); vgen cannot load it")
-            module.register_buffer("freqs", freqs)
-
-
 def load_official_xar(path_or_sd: str | Path | Mapping[str, torch.Tensor], **overrides: Any) -> XAR:
     """Build an :class:`XAR` from an official ``xAR-{B,L,H}.pth`` (a plain state dict, or a training checkpoint: its
     ``model_ema`` weights when present, else ``model``), on CPU, in eval mode. Raises :class:`UserError` listing
@@ -125,6 +97,6 @@ def load_official_xar(path_or_sd: str | Path | Mapping[str, torch.Tensor], **ove
                      hint="Pass an official xAR-B/L/H.pth (OliverRensu/xAR) or a file in its layout")
     # Parameters are assigned from the file (no random init of a 0.2-1.1B model); buffers are recomputed.
     model.load_state_dict(params, strict=False, assign=True)
-    _recompute_rope_frequencies(model, saved)
+    recompute_rope_frequencies(model, saved, family="xAR")
     model.register_layout_buffers(device="cpu")
     return model.eval()
