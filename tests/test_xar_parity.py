@@ -10,13 +10,13 @@ Euler-Maruyama sampler from the recorded clean cells <= 7.2e-7, the whole seeded
 import pytest
 import torch
 from flow_parity import replay_xar_cell
-
-from vgen.errors import UserError
-from vgen.models.xar_official import load_official_xar
 from vgen.samplers.flow_grids import xar_time_grid
 from vgen.samplers.flow_transitions import EulerMaruyamaSDE
 from vgen.samplers.flow_units import UnitNoise, generate_flow_units
 from vgen.samplers.guidance import WeightRampCFG
+
+from vgen.errors import UserError
+from vgen.models.xar_official import load_official_xar
 
 TOL = 1e-5
 
@@ -35,7 +35,7 @@ def official_cells(latents):
 
 
 def test_config_and_recomputed_buffers_are_official(fixture):
-    io, sd, model = fixture
+    _, sd, model = fixture
     cfg = model.config
     assert (cfg.encoder_embed_dim, cfg.encoder_depth, cfg.encoder_num_heads) == (64, 2, 2)
     assert (cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads) == (64, 2, 2)
