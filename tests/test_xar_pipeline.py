@@ -101,17 +101,18 @@ def test_generate_refuses_another_family_s_flags(converted, capsys):
     assert "--guidance-interval: not a sampling option of xAR models" in capsys.readouterr().err
 
 
-def test_bench_sample_counts_unit_passes(converted, capsys):
-    """``vgen bench sample`` works unchanged: with the folder's defaults (40 steps, cfg 2.7), per image 4 cells x 40
+def test_bench_sample_counts_unit_passes(tmp_path, capsys):
+    """``vgen bench sample`` works unchanged: with the folder's defaults (3 steps, cfg 2.7), per image 4 cells x 3
     velocity calls and one clean refresh pass per cell but the last, all on the CFG-doubled batch; the prefill only
     makes the cache (no network pass)."""
-    assert main(["bench", "sample", "--model", str(converted), "--batch-sizes", "1", "--repeats", "1", "--warmup",
-                 "0", "--device", "cpu"]) == 0
+    XARPipeline(vae=tiny_vae(), transformer=tiny_xar(), default_num_steps=3).save_pretrained(tmp_path / "p")
+    assert main(["bench", "sample", "--model", str(tmp_path / "p"), "--batch-sizes", "1", "--repeats", "1",
+                 "--warmup", "0", "--device", "cpu"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["pipeline"] == "XARPipeline" and report["sampling"] == {"guidance_scale": 2.7, "num_steps": 40}
+    assert report["pipeline"] == "XARPipeline" and report["sampling"] == {"guidance_scale": 2.7, "num_steps": 3}
     row = report["results"][0]
-    assert row["calls_per_batch"] == {"prefill": 1, "velocity": 160, "commit": 3}
-    assert row["forwards_per_image"] == {"velocity": 320.0, "commit": 6.0, "total": 326.0}
+    assert row["calls_per_batch"] == {"prefill": 1, "velocity": 12, "commit": 3}
+    assert row["forwards_per_image"] == {"velocity": 24.0, "commit": 6.0, "total": 30.0}
 
 
 def test_convert_lists_bad_keys(official_files, tmp_path, capsys):
