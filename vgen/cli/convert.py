@@ -4,6 +4,7 @@
     vgen generate --model var-d16 --class-label 207
     vgen convert llamagen-official --vq vq_ds16_c2i.pt --gpt c2i_B_256.pt --out llamagen-b
     vgen convert flowar-official --vae kl16.ckpt --flowar FlowAR-S.pth --out flowar-s
+    vgen convert xar-official --vae kl16.ckpt --xar xAR-B.pth --out xar-b
 """
 
 from __future__ import annotations
@@ -45,6 +46,19 @@ def register(subparsers) -> None:
     flowar.add_argument("--num-classes", type=int, default=None,
                         help="expected number of classes (checked against the checkpoint; ImageNet: 1000)")
     flowar.set_defaults(func=convert_flowar_official)
+    xar = kinds.add_parser(
+        "xar-official",
+        help="official xAR (OliverRensu/xAR): MAR's kl16.ckpt + xAR-{B,L,H}.pth -> XARPipeline folder",
+        description="Convert official xAR checkpoints (MAR's KL-16 autoencoder and an xAR-B/L/H state dict) into an "
+        "XARPipeline folder with the official README's sampling settings for that size. Missing or unexpected keys "
+        "are listed.",
+    )
+    xar.add_argument("--vae", required=True, help="MAR's KL-16 autoencoder (kl16.ckpt)")
+    xar.add_argument("--xar", required=True, help="official xAR file (xAR-B.pth, xAR-L.pth, xAR-H.pth)")
+    xar.add_argument("--out", required=True, help="output pipeline folder")
+    xar.add_argument("--num-classes", type=int, default=None,
+                     help="expected number of classes (checked against the checkpoint; ImageNet: 1000)")
+    xar.set_defaults(func=convert_xar_official)
     register_llamagen(kinds)
 
 
@@ -156,6 +170,34 @@ def convert_flowar_official(args: argparse.Namespace) -> int:
     size = official_size_name(cfg) or "a non-released size"
     print(f"wrote {out}: FlowAR ({size}: {cfg.encoder_depth}+{cfg.decoder_depth} blocks of width "
           f"{cfg.encoder_embed_dim}, {cfg.flow_head} flow head {cfg.flow_depth} x {cfg.flow_width}, "
+          f"{cfg.num_classes} classes, {pipe.resolution} px), sampling defaults "
+          + ", ".join(f"{k}={v}" for k, v in defaults.items()))
+    return 0
+
+
+def convert_xar_official(args: argparse.Namespace) -> int:
+    from vgen.cli.checks import check_output_folder
+    from vgen.models.xar_official import load_official_xar, official_sampling_defaults, official_size_name
+    from vgen.pipelines.xar import XARPipeline
+    from vgen.tokenizers.kl_autoencoder import load_official_kl16
+
+    out = check_output_folder(args.out, "--out")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"output folder {out} exists and is not empty; choose a new --out")
+    transformer = load_official_xar(args.xar)
+    cfg = transformer.config
+    if args.num_classes is not None and cfg.num_classes != args.num_classes:
+        raise UserError(f"--num-classes {args.num_classes} does not match the checkpoint, which has "
+                        f"{cfg.num_classes} classes")
+    vae = load_official_kl16(args.vae)
+    defaults = official_sampling_defaults(transformer)
+    pipe = XARPipeline(vae=vae, transformer=transformer, text_encoder=None,
+                       **{f"default_{name}": value for name, value in defaults.items()})
+    pipe.save_pretrained(str(out))
+    size = official_size_name(cfg) or "a non-released size"
+    layout = transformer.layout
+    print(f"wrote {out}: xAR ({size}: {cfg.encoder_depth}+{cfg.decoder_depth} blocks of width "
+          f"{cfg.encoder_embed_dim}, {layout.num_units} cells of {cfg.entity_size}x{cfg.entity_size} tokens, "
           f"{cfg.num_classes} classes, {pipe.resolution} px), sampling defaults "
           + ", ".join(f"{k}={v}" for k, v in defaults.items()))
     return 0

@@ -56,6 +56,7 @@ class RoPESelfAttention(nn.Module):
         mask: torch.Tensor | None = None,
         cache=None,
         layer: int = 0,
+        store: bool = True,
     ) -> torch.Tensor:
         """``x_BLC`` (B, L, C) -> (B, L, C).
 
@@ -64,6 +65,7 @@ class RoPESelfAttention(nn.Module):
             mask: boolean or additive mask broadcastable to (B, H, L, L) (training: FlowAR's block-causal mask).
             cache: a :class:`vgen.kv_cache.KVCache`; the step's keys/values go to layer ``layer`` and the queries
                 attend to its history plus the step (no ``mask`` then).
+            store: keep the step's keys/values in the cache (False: attend without storing, e.g. xAR's noisy passes).
         """
         qkv = self.qkv(x_BLC)
         q_BHLc, k_BHLc, v_BHLc = rearrange(qkv, "B L (three H c) -> three B H L c", three=3, H=self.num_heads)
@@ -71,7 +73,7 @@ class RoPESelfAttention(nn.Module):
             cos, sin = (t.to(q_BHLc.dtype) for t in rope_table)
             q_BHLc, k_BHLc = apply_eva_rope(q_BHLc, cos, sin), apply_eva_rope(k_BHLc, cos, sin)
         if cache is not None:
-            out_BHLc = cache.attend(layer, q_BHLc, k_BHLc, v_BHLc)
+            out_BHLc = cache.attend(layer, q_BHLc, k_BHLc, v_BHLc, store=store)
         else:
             dropout_p = self.attn_drop if self.training else 0.0
             out_BHLc = attention(q_BHLc, k_BHLc, v_BHLc, mask, dropout_p=dropout_p)
@@ -94,7 +96,7 @@ class AdaLNBlock(nn.Module):
 
     Keys ``attn.qkv``, ``attn.proj``, ``attn.rope.freqs``, ``mlp.fc1_g/fc1_x/fc2``, ``ada_lin.1`` (and
     ``cross_attn.*`` with ``cross_attn=True``). ``cond`` is (B, D) (FlowAR: one class/text embedding per image) or
-    (B, L, D) (xAR: a condition per token); ``cond_dim`` defaults to the block width.
+    per token group (xAR: class + time of each cell, see ``cond_index``); ``cond_dim`` defaults to the block width.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, mlp_ratio: float = 4.0, cond_dim: int | None = None,
@@ -123,11 +125,19 @@ class AdaLNBlock(nn.Module):
         layer: int = 0,
         context_BTC: torch.Tensor | None = None,
         context_mask_BT: torch.Tensor | None = None,
+        cond_index: torch.Tensor | None = None,
+        store: bool = True,
     ) -> torch.Tensor:
-        """``x_BLC`` (B, L, C), ``cond`` (B, D) or (B, L, D) -> (B, L, C); ``rope_table``, ``mask``, ``cache``,
-        ``layer`` as in :meth:`RoPESelfAttention.forward`; ``context_*`` for the optional cross-attention."""
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = unpack_adaln6(self.ada_lin(cond), self.C)
-        h = self.attn(modulate(self.norm1(x_BLC), shift1, scale1), rope_table, mask, cache, layer)
+        """``x_BLC`` (B, L, C), ``cond`` (B, D), (B, 1, D) or (B, L, D) -> (B, L, C); ``rope_table``, ``mask``,
+        ``cache``, ``layer``, ``store`` as in :meth:`RoPESelfAttention.forward`; ``context_*`` for the optional
+        cross-attention. ``cond_index`` (L,) int64: ``cond`` is (B, U, D), one condition per group of tokens (xAR:
+        per cell), and token l uses group ``cond_index[l]`` (the modulation is computed once per group, as official
+        xAR does, then gathered)."""
+        ada = self.ada_lin(cond)
+        if cond_index is not None:
+            ada = ada[:, cond_index]
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = unpack_adaln6(ada, self.C)
+        h = self.attn(modulate(self.norm1(x_BLC), shift1, scale1), rope_table, mask, cache, layer, store)
         x_BLC = x_BLC + self.drop_path(h * gamma1)
         if self.cross_attn is not None:
             if context_BTC is None:

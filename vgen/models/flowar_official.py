@@ -34,11 +34,14 @@ def _is_rope_freqs(key: str) -> bool:
     return key.endswith(".rope.freqs")
 
 
-def _depth(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
+def stack_depth(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
+    """Blocks of the stack whose keys start with ``prefix`` (e.g. ``"encoder_blocks."``) in a state dict."""
     return 1 + max((int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)), default=-1)
 
 
-def _heads(sd: Mapping[str, torch.Tensor], freqs_key: str, width: int, default: int | None) -> int:
+def heads_from_rope(sd: Mapping[str, torch.Tensor], freqs_key: str, width: int, default: int | None) -> int:
+    """Heads of an attention of ``width`` read from its saved RoPE frequencies (head_dim / 4 of them), else
+    ``default``, else a :class:`UserError` line (FlowAR and xAR files carry ``*.rope.freqs``)."""
     if freqs_key in sd:  # head_dim / 4 frequencies
         return width // (4 * sd[freqs_key].numel())
     if default is None:
@@ -70,23 +73,24 @@ def official_flowar_config(sd: Mapping[str, torch.Tensor], scales: tuple[int, ..
         raise UserError(f"not an official FlowAR checkpoint: missing key(s) {', '.join(missing)}")
     De, Dd = sd["class_emb.weight"].shape[1], sd["decoder_embed.weight"].shape[0]
     W = sd["flownet.input_proj.weight"].shape[0]
-    encoder_depth, decoder_depth = _depth(sd, "encoder_blocks."), _depth(sd, "decoder_blocks.")
-    flow_depth = _depth(sd, "flownet.res_blocks.")
+    encoder_depth, decoder_depth = stack_depth(sd, "encoder_blocks."), stack_depth(sd, "decoder_blocks.")
+    flow_depth = stack_depth(sd, "flownet.res_blocks.")
     return dict(
         latent_channels=sd["z_proj.weight"].shape[1],
         patch_size=1,
         scales=tuple(scales) if scales is not None else scales_for_length(sd["encoder_pos_embed_learned"].shape[1]),
         encoder_embed_dim=De,
         encoder_depth=encoder_depth,
-        encoder_num_heads=_heads(sd, "encoder_blocks.0.attn.rope.freqs", De,
-                                 given.get("encoder_num_heads", _OFFICIAL_HEADS.get(De))),
+        encoder_num_heads=heads_from_rope(sd, "encoder_blocks.0.attn.rope.freqs", De,
+                                          given.get("encoder_num_heads", _OFFICIAL_HEADS.get(De))),
         decoder_embed_dim=Dd,
         decoder_depth=decoder_depth,
-        decoder_num_heads=_heads(sd, "decoder_blocks.0.attn.rope.freqs", Dd,
-                                 given.get("decoder_num_heads", _OFFICIAL_HEADS.get(Dd))),
+        decoder_num_heads=heads_from_rope(sd, "decoder_blocks.0.attn.rope.freqs", Dd,
+                                          given.get("decoder_num_heads", _OFFICIAL_HEADS.get(Dd))),
         flow_depth=flow_depth,
         flow_width=W,
-        flow_num_heads=_heads(sd, "flownet.res_blocks.0.attn.rope.freqs", W, given.get("flow_num_heads", W // 64)),
+        flow_num_heads=heads_from_rope(sd, "flownet.res_blocks.0.attn.rope.freqs", W,
+                                       given.get("flow_num_heads", W // 64)),
         flow_head="cross_attention" if any(".crossattn." in k for k in sd) else "spatial_adaln",
         rope_reference_side=16.0,  # official: every scale's positions on the 16-grid (pt_seq_len = 16)
         num_classes=sd["class_emb.weight"].shape[0] - 1,
@@ -108,9 +112,10 @@ def official_sampling_defaults(model: FlowAR) -> dict[str, float]:
 
 
 @torch.no_grad()
-def _recompute_rope_frequencies(model: FlowAR, saved: Mapping[str, torch.Tensor]) -> None:
-    """Give every RoPE its frequencies (for ``head_dim`` = 4 x their number, theta 10000); refuse a file whose own
-    copies differ (it would have been trained with another RoPE)."""
+def recompute_rope_frequencies(model: torch.nn.Module, saved: Mapping[str, torch.Tensor],
+                               family: str = "FlowAR") -> None:
+    """Give every RoPE of ``model`` its frequencies (for ``head_dim`` = 4 x their number, theta 10000); refuse a file
+    whose own copies differ (it would have been trained with another RoPE). Shared by the FlowAR and xAR loaders."""
     for name, module in model.named_modules():
         if isinstance(module, VisionRoPE2D):
             head_dim = 4 * module.freqs.shape[0]
@@ -118,7 +123,7 @@ def _recompute_rope_frequencies(model: FlowAR, saved: Mapping[str, torch.Tensor]
             key = f"{name}.freqs"
             if key in saved and (saved[key].shape != freqs.shape or
                                  not torch.allclose(saved[key].float(), freqs, rtol=1e-6, atol=0)):
-                raise UserError(f"the FlowAR checkpoint's {key} is not the official RoPE (theta 10000 over "
+                raise UserError(f"the {family} checkpoint's {key} is not the official RoPE (theta 10000 over "
                                 f"head width {head_dim}); vgen cannot load it")
             module.register_buffer("freqs", freqs)
 
@@ -143,6 +148,6 @@ def load_official_flowar(
                      hint="Pass an official FlowAR-S/L/H.pth (OliverRensu/FlowAR) or a file in its layout")
     # Parameters are assigned from the file (no random init of a 0.2-1.9B model); buffers are recomputed.
     model.load_state_dict(params, strict=False, assign=True)
-    _recompute_rope_frequencies(model, saved)
+    recompute_rope_frequencies(model, saved)
     model.register_masks(device="cpu")
     return model.eval()

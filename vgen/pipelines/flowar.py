@@ -48,13 +48,14 @@ from vgen.samplers.flow_units import generate_flow_units
 from vgen.samplers.guidance import WeightRampCFG
 
 
-def check_continuous_autoencoder(vae, transformer: FlowAR) -> None:
-    """A :class:`UserError` line unless ``vae`` gives continuous latents with the transformer's channel count."""
+def check_continuous_autoencoder(vae, transformer, family: str = "FlowAR") -> None:
+    """A :class:`UserError` line unless ``vae`` gives continuous latents with the transformer's channel count
+    (``transformer``: any continuous-token generator with ``config.latent_channels``: FlowAR, xAR)."""
     if not (hasattr(vae, "decode_latents") and hasattr(vae, "latent_channels")):
-        raise UserError(f"FlowAR generates continuous latents, but the tokenizer given is a {type(vae).__name__} "
+        raise UserError(f"{family} generates continuous latents, but the tokenizer given is a {type(vae).__name__} "
                         "(a VQ tokenizer?); use a KL autoencoder (vgen.tokenizers.kl_autoencoder.AutoencoderKL)")
     if vae.latent_channels != transformer.config.latent_channels:
-        raise UserError(f"the autoencoder has {vae.latent_channels} latent channels but the FlowAR transformer "
+        raise UserError(f"the autoencoder has {vae.latent_channels} latent channels but the {family} transformer "
                         f"expects {transformer.config.latent_channels}; pass the autoencoder it was trained on")
 
 

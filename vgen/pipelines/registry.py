@@ -264,6 +264,16 @@ FLOWAR_OPTIONS = (
 )
 
 
+#: the knobs of xAR's flow sampling (Euler-Maruyama per unit, CFG ramp over the units, always on)
+XAR_OPTIONS = (
+    SamplingOption("guidance_scale", finite_float, 2.7,
+                   "classifier-free guidance weight at the last unit (xAR's ramp from 1 at the first; 1 = off)"),
+    SamplingOption("num_steps", positive_int, 40,
+                   "xAR: SDE steps per unit on linspace(1, 0.04, N) then one deterministic step to 0 (official 40 for "
+                   "xAR-B, 50 for L and H)"),
+)
+
+
 @dataclass(frozen=True)
 class PipelineEntry:
     """Where a pipeline class lives (``"module:Class"``), the family's name for help texts, and its options."""
@@ -280,6 +290,7 @@ PIPELINES: dict[str, PipelineEntry] = {
                                       RASTER_AR_OPTIONS),
     "VideoPipeline": PipelineEntry("vgen.pipelines.video:VideoPipeline", "video", VIDEO_OPTIONS),
     "FlowARPipeline": PipelineEntry("vgen.pipelines.flowar:FlowARPipeline", "FlowAR", FLOWAR_OPTIONS),
+    "XARPipeline": PipelineEntry("vgen.pipelines.xar:XARPipeline", "xAR", XAR_OPTIONS),
 }
 
 

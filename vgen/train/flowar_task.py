@@ -79,7 +79,7 @@ class FlowARTrainModule(ConditionedTrainModule):
         return self.transformer(latents_BChw, cond=self.condition(label_B, ids_BT, mask_BT))
 
 
-def load_autoencoder(folder: str | Path, what: str = "task.autoencoder"):
+def load_autoencoder(folder: str | Path, what: str = "task.autoencoder", family: str = "FlowAR"):
     """A trained KL autoencoder folder -> frozen :class:`~vgen.tokenizers.kl_autoencoder.AutoencoderKL` (eval), or
     one :class:`UserError` line (missing folder, or a VQ tokenizer where continuous latents are needed)."""
     import json
@@ -92,7 +92,7 @@ def load_autoencoder(folder: str | Path, what: str = "task.autoencoder"):
                         "train one with 'vgen train autoencoder' and pass its final/ folder")
     class_name = json.loads((path / "config.json").read_text()).get("_class_name", "")
     if class_name != AutoencoderKL.__name__:
-        raise UserError(f"{what} {path} holds a {class_name or 'non-vgen'} model, but FlowAR generates continuous "
+        raise UserError(f"{what} {path} holds a {class_name or 'non-vgen'} model, but {family} generates continuous "
                         "latents: give a KL autoencoder (AutoencoderKL, 'vgen train autoencoder'), not a VQ tokenizer")
     return AutoencoderKL.from_pretrained(str(path), low_cpu_mem_usage=False).eval().requires_grad_(False)
 
@@ -100,13 +100,17 @@ def load_autoencoder(folder: str | Path, what: str = "task.autoencoder"):
 class FlowARTask(ImageGeneratorTask):
     config_class = FlowARTaskConfig
     command = "flowar"
+    #: the generator class and the family's name in messages (xAR's task, :mod:`vgen.train.xar_task`, reuses this
+    #: one with its own)
+    model_class: type = FlowAR
+    family_title = "FlowAR"
 
     def __init__(self, cfg: FlowARTaskConfig):
         super().__init__(cfg)
-        self.vae = load_autoencoder(cfg.autoencoder)
+        self.vae = load_autoencoder(cfg.autoencoder, family=self.family_title)
         self.latent_side = self.vae.latent_size(cfg.resolution)[0]
         with torch.device("meta"):  # configuration errors before the run starts (nothing allocated)
-            FlowAR(**self.transformer_kwargs())
+            self.model_class(**self.transformer_kwargs())
 
     # -- pieces ----------------------------------------------------------------------------------------------
 
@@ -154,7 +158,8 @@ class FlowARTask(ImageGeneratorTask):
     # -- TrainTask -------------------------------------------------------------------------------------------
 
     def build_model(self) -> FlowARTrainModule:
-        return self.prepare_model(FlowARTrainModule(FlowAR(**self.transformer_kwargs()), self.build_text_encoder()))
+        return self.prepare_model(FlowARTrainModule(self.model_class(**self.transformer_kwargs()),
+                                                    self.build_text_encoder()))
 
     @torch.no_grad()
     def encode_images(self, img_B3HW: torch.Tensor) -> torch.Tensor:

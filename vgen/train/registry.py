@@ -32,6 +32,7 @@ TASKS: dict[str, str] = {
     "raster-ar": "vgen.train.raster_ar_task:RasterARTask",
     "latent-upsampler": "vgen.train.latent_upsampler_task:LatentUpsamplerTask",
     "flowar": "vgen.train.flowar_task:FlowARTask",
+    "xar": "vgen.train.xar_task:XARTask",
     "shapes-features": "vgen.train.shapes_features_task:ShapesFeaturesTask",
     "video": "vgen.train.video_task:VideoTask",
 }
