@@ -15,7 +15,8 @@ call each), so load from other processes hits every variant alike. Per variant:
 * **speed**: wall seconds per video from the request to the last decoded frame (denoising, the router's draft
   decoding and scoring, the autoencoder), split into ``diffusion`` (denoising + cache passes), ``routing`` (draft
   decode + scorer) and ``decode``; ``speedup`` = the median over rounds of target-only seconds / the variant's in
-  that round (``speedup_total``: the ratio of the sums);
+  that round (``speedup_total``: the ratio of the sums; ``speedup_diffusion``: of the diffusion seconds alone, what
+  routing would give with the scorer and the decoder off the critical path);
 * **routing**: acceptance rate (accepted drafts over drafted blocks, the first block is never drafted), the
   blocks the target denoised (a block counts once for the batch) and the mean worst-frame score of the drafts;
 * **quality** (:mod:`vgen.eval.video_metrics`): caption adherence, identity persistence and motion adherence from
@@ -210,6 +211,7 @@ def speed_rows(variants: list[Variant], batch_size: int, num_videos: int) -> lis
             "decode_seconds_per_video": v.decode / num_videos,
             "speedup": statistics.median(b / t for b, t in zip(base.walls, v.walls)),
             "speedup_total": sum(base.walls) / sum(v.walls),
+            "speedup_diffusion": base.diffusion / v.diffusion,
             "acceptance_rate": v.accepted / v.drafted if v.drafted else None,
             "drafted_blocks": v.drafted,
             "accepted_blocks": v.accepted,
