@@ -138,13 +138,12 @@ class Variant:
 @dataclass
 class Setup:
     """What every call of a run shares: the target ``pipe``, the drafter (``drafter_pipe`` or ``draft_steps``), the
-    ``scorer``, ``frames`` per video and the ``sampling`` options given to the target (the cache)."""
+    ``scorer`` and the ``sampling`` options given to every variant (the cache)."""
 
     pipe: object
     drafter_pipe: object
     draft_steps: int | None
     scorer: object
-    frames: int
     sampling: dict
 
     def stream(self, variant: Variant, captions: list[str], seeds: list[int], frames: int):
@@ -294,7 +293,7 @@ def run(args: argparse.Namespace) -> int:
             if p is not None and p.head_profile is None:
                 raise UserError(f"{name} has no head_profile.json, which the forcing_kv cache needs: run 'vgen "
                                 "profile-heads' on it or choose another --cache")
-    setup = Setup(pipe, drafter_pipe, draft_steps, load_frame_scorer(args.scorer), frames, sampling)
+    setup = Setup(pipe, drafter_pipe, draft_steps, load_frame_scorer(args.scorer), sampling)
     world_seed = 1 if args.world_seed is None else args.world_seed
     resolution = pipe.autoencoder.downsample * pipe.transformer.config.latent_height
     real = real_videos(args.videos, frames, resolution, seed=world_seed)
