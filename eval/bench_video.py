@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="rollout lengths as multiples of the training length (default 1,2,4)")
     group.add_argument("--prompt", default=None,
                        help=f"the prompt of every video (default {CACHE_FLAGS['prompt']!r})")
-    group.add_argument("--repeats", type=int, default=None, help="timed runs per case, the fastest reported (default 1)")
+    group.add_argument("--repeats", type=int, default=None,
+                       help="timed runs per case, the fastest reported (default 1)")
     bench_video_sdvg.add_arguments(parser)
 
 

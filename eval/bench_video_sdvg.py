@@ -56,8 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="benchmark SDVG quality routing against target-only and draft-only generation instead of "
                             "the cache modes")
     group.add_argument("--tau", default=None,
-                       help="comma-separated thresholds on the worst-frame score to sweep; -inf keeps every draft, inf "
-                            "none (write --tau=-inf,0.3,inf when the list starts with a minus sign)")
+                       help="comma-separated thresholds on the worst-frame score to sweep; -inf keeps every draft, "
+                            "inf none (write --tau=-inf,0.3,inf when the list starts with a minus sign)")
     group.add_argument("--drafter", default=None, metavar="DIR",
                        help="drafter video pipeline folder (same latent space and block size); default: this model "
                             "with --draft-steps steps")
@@ -147,7 +147,7 @@ class Setup:
     sampling: dict
 
     def stream(self, variant: Variant, captions: list[str], seeds: list[int], frames: int):
-        """A :class:`~vgen.pipelines.video.VideoStream` of ``variant`` for ``captions`` (video i: seed ``seeds[i]``)."""
+        """A :class:`~vgen.pipelines.video.VideoStream` of ``variant`` for ``captions`` (video i: ``seeds[i]``)."""
         import torch
 
         from vgen.pipelines.video import SDVGOptions
@@ -251,7 +251,8 @@ def load_drafter(args, pipe, device):
     from vgen.pipelines.video import load_video_pipeline
 
     if args.drafter is not None and args.draft_steps is not None:
-        raise UserError("give the drafter as --drafter DIR or as --draft-steps N (this model in fewer steps), not both")
+        raise UserError("give the drafter as --drafter DIR or as --draft-steps N (this model in fewer steps), not "
+                        "both")
     if args.drafter is None:
         steps = 1 if args.draft_steps is None else args.draft_steps
         return None, pipe.option("num_steps").check(steps)

@@ -93,7 +93,8 @@ def test_sweep_report_acceptance_extremes_and_plot(folders, tmp_path, capsys):
     for setting in ("draft-only", "sdvg tau=-inf"):  # the 1-step drafter makes other videos
         assert not quality[setting]["equal_to_target_only"] and quality[setting]["pixel_mae_vs_target_only"] > 0
     assert speed["target-only"]["acceptance_rate"] is None and speed["draft-only"]["target_block_share"] == 0
-    assert speed["target-only"]["speedup"] == speed["target-only"]["speedup_diffusion"] == 1.0 and speed["target-only"]["routing_seconds_per_video"] == 0
+    target = speed["target-only"]
+    assert target["speedup"] == target["speedup_diffusion"] == 1.0 and target["routing_seconds_per_video"] == 0
     middle = speed["sdvg tau=0.3"]
     assert middle["drafted_blocks"] == drafted and middle["acceptance_rate"] == middle["accepted_blocks"] / drafted
     assert minus["routing_seconds_per_video"] > 0 and 0 < minus["mean_worst_frame_score"] < 1
