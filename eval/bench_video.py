@@ -15,6 +15,9 @@ the model's training length) the model streams ``--videos`` videos block by bloc
 
 Times are CUDA-synchronised wall clock when a GPU is used; on CPU they are meaningful only as ratios between the
 modes of one run. One JSON object on stdout.
+
+With ``--sdvg`` it benchmarks SDVG quality routing instead (:mod:`vgen.eval.bench_video_sdvg`): acceptance, speedup
+and quality against target-only and draft-only generation, swept over ``--tau``, and a speed-quality plot.
 """
 
 from __future__ import annotations
@@ -27,18 +30,55 @@ import time
 MODES = ("full", "sink_window", "forcing_kv")
 
 
+#: flags of the cache-mode benchmark and their defaults (None in the parser: given with --sdvg they are an error)
+CACHE_FLAGS = {"modes": ",".join(MODES), "lengths": "1,2,4", "prompt": "a red circle moving right and a blue square "
+               "moving up", "repeats": 1}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from vgen.eval import bench_video_sdvg
+
     parser.add_argument("--model", default=None, help="video pipeline folder (default: the shipped video model)")
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated cache modes (default: all three)")
-    parser.add_argument("--lengths", default="1,2,4",
-                        help="rollout lengths as multiples of the training length (default 1,2,4)")
-    parser.add_argument("--videos", type=int, default=1, help="videos per stream batch (default 1)")
-    parser.add_argument("--prompt", default="a red circle moving right and a blue square moving up",
-                        help="the prompt of every video")
+    parser.add_argument("--videos", type=int, default=None,
+                        help="videos per stream batch (default 1); with --sdvg: videos per variant (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of video i is seed + i")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per case (the fastest is reported)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--output", default=None, help="also write the JSON to this file")
+    group = parser.add_argument_group("cache modes (without --sdvg)")
+    group.add_argument("--modes", default=None, help="comma-separated cache modes (default: all three)")
+    group.add_argument("--lengths", default=None,
+                       help="rollout lengths as multiples of the training length (default 1,2,4)")
+    group.add_argument("--prompt", default=None,
+                       help=f"the prompt of every video (default {CACHE_FLAGS['prompt']!r})")
+    group.add_argument("--repeats", type=int, default=None,
+                       help="timed runs per case, the fastest reported (default 1)")
+    bench_video_sdvg.add_arguments(parser)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_flag_groups(args) -> None:
+    """Flags of the other benchmark than the one chosen are an error (not silently ignored); fills the defaults."""
+    from vgen.errors import UserError
+    from vgen.eval.bench_video_sdvg import SDVG_FLAGS
+
+    sdvg = bool(getattr(args, "sdvg", False))
+    if sdvg:
+        given = [_flag(n) for n in CACHE_FLAGS if getattr(args, n, None) is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} set up the cache-mode benchmark; leave them out with --sdvg")
+        args.videos = 8 if getattr(args, "videos", None) is None else args.videos
+        return
+    given = [_flag(n) for n in SDVG_FLAGS if getattr(args, n, None) is not None]
+    if given:
+        raise UserError(f"{', '.join(given)} set up the SDVG benchmark; add --sdvg")
+    for name, default in CACHE_FLAGS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, default)
+    if getattr(args, "videos", None) is None:
+        args.videos = 1
 
 
 def _parse_list(text: str, kind, what: str):
@@ -93,6 +133,11 @@ def run(args) -> int:
     from vgen.errors import UserError
     from vgen.pipelines.video import load_video_pipeline
 
+    _check_flag_groups(args)
+    if getattr(args, "sdvg", False):
+        from vgen.eval import bench_video_sdvg
+
+        return bench_video_sdvg.run(args)
     modes = _parse_list(args.modes, str, "modes")
     bad = [m for m in modes if m not in MODES]
     if bad:

@@ -1,9 +1,12 @@
-"""The speed-quality plot of ``vgen bench speculative`` reports, drawn with PIL (no plotting library needed).
+"""The speed-quality plot of ``vgen bench speculative`` and ``vgen bench video --sdvg`` reports, drawn with PIL (no
+plotting library needed).
 
-Two panels side by side: Shapes-GenEval (higher is better) and Shapes-FID (lower is better) against the wall-time
-speedup over target-only sampling at the report's smallest batch size. Each report (one method and its sweep) is
-one coloured polyline through its settings, labelled with the swept value; target-only is the black point at
-speedup 1. Without quality numbers the panels show target forwards per image instead.
+One panel per quality metric, side by side (default: Shapes-GenEval, higher is better, and Shapes-FID, lower is
+better; ``metrics`` names others, e.g. the video benchmark's caption adherence and per-frame Shapes-FID), against the
+wall-time speedup over target-only sampling at the report's smallest batch size. Each report (one method and its
+sweep) is one coloured polyline through its settings, labelled with the swept value; target-only is the black point
+at speedup 1 and draft-only (when the report has it) the grey point off the line. Without quality numbers the panels
+show target forwards per image instead.
 """
 
 from __future__ import annotations
@@ -16,6 +19,10 @@ from PIL import Image, ImageDraw
 from vgen.imaging import load_font
 
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+#: settings drawn as lone points in their own colour, not on the report's line
+ANCHORS = {"target-only": (0, 0, 0), "draft-only": (120, 120, 120)}
+#: the panels of a speculative report: (quality key, title)
+IMAGE_METRICS = (("geneval", "Shapes-GenEval (higher is better)"), ("fid", "Shapes-FID (lower is better)"))
 PANEL_W, PANEL_H, MARGIN_L, MARGIN_B, MARGIN_T, MARGIN_R = 460, 360, 62, 48, 34, 18
 
 
@@ -28,7 +35,7 @@ def _points(report: dict, metric: str) -> list[tuple[str, float, float]]:
         values = {row["setting"]: row[metric] for row in report["quality"]}
     else:
         values = {row["setting"]: row["target_forwards_per_image"] for row in speed if row["batch_size"] == smallest}
-    return [(label, speedup[label], values[label]) for label in speedup if label in values]
+    return [(label, speedup[label], values[label]) for label in speedup if values.get(label) is not None]
 
 
 def _nice_range(values: Sequence[float], pad: float = 0.08) -> tuple[float, float]:
@@ -59,23 +66,24 @@ def _panel(draw: ImageDraw.ImageDraw, x0: int, title: str, series: list[tuple[st
     draw.text((left + (right - left) / 2 - 90, PANEL_H - 20), "wall-time speedup vs target-only", fill=(0, 0, 0),
               font=small)
     for colour, (name, pts) in zip(COLOURS, series):
-        line = [px(x, y) for _, x, y in pts if _ != "target-only"]
+        line = [px(x, y) for label, x, y in pts if label not in ANCHORS]
         if len(line) > 1:
             draw.line(line, fill=colour, width=2)
         for label, x, y in pts:
             cx, cy = px(x, y)
-            fill = (0, 0, 0) if label == "target-only" else colour
+            fill = ANCHORS.get(label, colour)
             draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=fill)
-            text = "target-only" if label == "target-only" else label.split(" ", 1)[-1]
+            text = label if label in ANCHORS else label.split(" ", 1)[-1]
             draw.text((cx + 6, cy - 12), text, fill=fill, font=small)
 
 
-def plot_speed_quality(reports: dict | Sequence[dict], path: str | Path) -> Path:
-    """Draw the plot of one report or several (one line each) into ``path`` (PNG)."""
+def plot_speed_quality(reports: dict | Sequence[dict], path: str | Path,
+                       metrics: Sequence[tuple[str, str]] = IMAGE_METRICS) -> Path:
+    """Draw the plot of one report or several (one line each) into ``path`` (PNG); ``metrics``: one panel per
+    ``(key of the quality rows, title)``."""
     reports = [reports] if isinstance(reports, dict) else list(reports)
     has_quality = all("quality" in r for r in reports)
-    metrics = [("geneval", "Shapes-GenEval (higher is better)"), ("fid", "Shapes-FID (lower is better)")] \
-        if has_quality else [("target_forwards_per_image", "target forwards per image")]
+    metrics = list(metrics) if has_quality else [("target_forwards_per_image", "target forwards per image")]
     font, small = load_font(14), load_font(11)
     image = Image.new("RGB", (PANEL_W * len(metrics), PANEL_H + 24 * ((len(reports) + 1) // 2) + 10), "white")
     draw = ImageDraw.Draw(image)
@@ -84,7 +92,9 @@ def plot_speed_quality(reports: dict | Sequence[dict], path: str | Path) -> Path
         _panel(draw, i * PANEL_W, title, series, font, small)
     for j, (colour, report) in enumerate(zip(COLOURS, reports)):
         smallest = min(row["batch_size"] for row in report["speed"])
-        legend = f"{report['method']}" + (f" (drafter {Path(report['drafter']).name})" if report.get("drafter") else "")
+        legend = f"{report['method']}" + (f" (drafter {Path(report['drafter']).name})" if report.get("drafter") else
+                                          f" (drafter: the model in {report['draft_steps']} steps)"
+                                          if report.get("draft_steps") else "")
         x, y = 12 + (j % 2) * PANEL_W, PANEL_H + 6 + 24 * (j // 2)
         draw.rectangle([x, y + 3, x + 14, y + 13], fill=colour)
         draw.text((x + 20, y), f"{legend}, speed at batch {smallest}", fill=(0, 0, 0), font=small)
