@@ -1,11 +1,12 @@
 #!/bin/bash
-# The Moving Shapes video model end to end on CPU (2 cores), each heavy step under the shared lock:
+# The Moving Shapes video model end to end on CPU (2 cores) (LOCK=FILE: each heavy step under flock):
 # per-frame KL autoencoder -> diffusion forcing -> self forcing -> head profile -> evaluation -> benchmark.
 # Step counts default to what the run in README.md used (set from throughput probes on that machine); override them
 # (AE_STEPS, DF_STEPS, SF_STEPS) to fit another budget. Outputs go to runs/.
 set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1
-LOCK="flock /tmp/vgen-heavy.lock"
+# LOCK=FILE runs each heavy step under flock FILE (machines shared by several jobs); unset = no lock
+LOCK=${LOCK:+flock $LOCK}
 C=configs/moving_shapes
 $LOCK vgen train autoencoder --config $C/kl_autoencoder_32.yaml --out runs/kl_moving32 --set train.steps=${AE_STEPS:-2000}
 $LOCK vgen train video --config $C/video_df.yaml --out runs/video_df --set train.steps=${DF_STEPS:-1500}

@@ -12,14 +12,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1
-LOCK=${LOCK-/tmp/vgen-heavy.lock}
+LOCK=${LOCK-}
 VGEN=${VGEN:-vgen}
 OUT=${OUT:-runs}
 FID_SAMPLES=${FID_SAMPLES:-1000}
 GENEVAL_IMAGES=${GENEVAL_IMAGES:-1}
 FAMILIES=${FAMILIES:-raster flowar nfig}
 
-heavy() {  # command... under the shared lock
+heavy() {  # command... (under flock LOCK when LOCK is set)
     if [ -n "$LOCK" ]; then flock "$LOCK" "$@"; else "$@"; fi
 }
 train() {  # OUT_DIR TASK CONFIG --set ...: skipped when the export exists

@@ -3,7 +3,7 @@
 # runs' tokenizer, then 'vgen bench speculative' for every method against the 128 px raster target, and the combined
 # speed-quality plot. Run it from the repository root under the heavy lock:
 #
-#   flock /tmp/vgen-heavy.lock bash configs/shapes/spec_train_and_bench.sh RASTER_RUNS OUT
+#   bash configs/shapes/spec_train_and_bench.sh RASTER_RUNS OUT
 #
 # RASTER_RUNS holds raster_vq/final and raster_s1_128/final (and raster_s1_64/final, used as the MuLo-SD drafter when
 # present; otherwise spec_mulo_drafter_64.yaml is trained). Sizes come from the environment: DRAFTER_SECONDS,

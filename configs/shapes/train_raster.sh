@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Trains and measures the raster AR / Token-Shuffle comparison of configs/shapes/README.md: the tokenizer
 # (raster_vq.yaml), then for every run named on the command line (default: all six) training, Shapes-GenEval
-# (553 prompts x 4 images) and Shapes-FID (5000 samples against 10 000 real renders). Each heavy command takes the
-# shared lock on its own (flock), so other jobs can run between them; times go to runs/<name>.time.
+# (553 prompts x 4 images) and Shapes-FID (5000 samples against 10 000 real renders). With LOCK=FILE each heavy
+# command takes that lock on its own (flock), so other jobs can run between them; times go to runs/<name>.time.
 #   bash configs/shapes/train_raster.sh                      # everything
 #   bash configs/shapes/train_raster.sh raster_s2_64          # one run (the tokenizer must exist)
 # FID_SAMPLES / GENEVAL_IMAGES (per prompt) make the evaluation smaller, LOCK is the lock file ("" = no lock), VGEN the
@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1
-LOCK=${LOCK-/tmp/vgen-heavy.lock}
+LOCK=${LOCK-}
 VGEN=${VGEN:-vgen}
 FID_SAMPLES=${FID_SAMPLES:-5000}
 GENEVAL_IMAGES=${GENEVAL_IMAGES:-4}
