@@ -145,3 +145,35 @@ class AdaLNBlock(nn.Module):
             x_BLC = x_BLC + self.cross_attn(x_BLC, context_BTC, context_mask_BT)
         h = self.mlp(modulate(self.norm2(x_BLC), shift2, scale2))
         return x_BLC + self.drop_path(h * gamma2)
+
+
+def init_encoder_decoder_stacks(module: nn.Module, *, token_channels: int, seq_len: int, encoder_embed_dim: int,
+                                encoder_num_heads: int, encoder_depth: int, decoder_embed_dim: int,
+                                decoder_num_heads: int, decoder_depth: int, mlp_ratio: float,
+                                rope_reference_side: float | None, norm_eps: float, attn_dropout: float,
+                                proj_dropout: float, drop_path_rate: float, cross_attn: bool) -> None:
+    """Give ``module`` the MAE-style AR stacks FlowAR and xAR share, under their official keys: ``z_proj``,
+    ``z_proj_ln``, ``encoder_pos_embed_learned`` (1, L, De), ``encoder_blocks``, ``encoder_norm``, ``decoder_embed``,
+    ``decoder_pos_embed_learned`` (1, L, Dd), ``decoder_blocks``, ``decoder_norm``; blocks are :class:`AdaLNBlock`
+    conditioned on width De, with drop-path rising linearly over encoder then decoder blocks. Modules are created in
+    this order, so a seeded construction draws the same initial weights as before."""
+    De, Dd = encoder_embed_dim, decoder_embed_dim
+    module.z_proj = nn.Linear(token_channels, De)
+    module.z_proj_ln = RMSNorm(De, norm_eps)
+    module.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, seq_len, De))
+    dpr = torch.linspace(0, drop_path_rate, encoder_depth + decoder_depth, device="cpu").tolist()
+
+    def stack(width: int, heads: int, depth: int, first: int) -> nn.ModuleList:
+        return nn.ModuleList([
+            AdaLNBlock(width, heads, mlp_ratio, cond_dim=De, qkv_bias=True, rope_reference_side=rope_reference_side,
+                       norm_eps=norm_eps, attn_drop=attn_dropout, proj_drop=proj_dropout,
+                       drop_path=dpr[first + i], cross_attn=cross_attn, context_dim=De)
+            for i in range(depth)
+        ])
+
+    module.encoder_blocks = stack(De, encoder_num_heads, encoder_depth, 0)
+    module.encoder_norm = RMSNorm(De, norm_eps)
+    module.decoder_embed = nn.Linear(De, Dd)
+    module.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, seq_len, Dd))
+    module.decoder_blocks = stack(Dd, decoder_num_heads, decoder_depth, encoder_depth)
+    module.decoder_norm = RMSNorm(Dd, norm_eps)

@@ -53,9 +53,9 @@ from torch import nn
 
 from vgen.errors import UserError
 from vgen.kv_cache import FullKVCache
-from vgen.models.ar_blocks import AdaLNBlock
+from vgen.models.ar_blocks import init_encoder_decoder_stacks
 from vgen.models.conditioning import Condition, ConditionedModel
-from vgen.models.layers import RMSNorm, TimestepEmbedder, eva_rope_table
+from vgen.models.layers import TimestepEmbedder, eva_rope_table
 from vgen.models.xar_entities import EntityLayout, entity_layout
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -175,26 +175,14 @@ class XAR(ModelMixin, ConfigMixin, ConditionedModel):
 
         self.init_conditioning(conditioning, De, num_classes, text_embed_dim, text_cross_attn, init_std=0.02)
         self.time_embed = TimestepEmbedder(De)
-        self.z_proj = nn.Linear(self.token_channels, De)
-        self.z_proj_ln = RMSNorm(De, norm_eps)
-        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len, De))
-        dpr = torch.linspace(0, drop_path_rate, encoder_depth + decoder_depth, device="cpu").tolist()
-
-        def stack(width: int, heads: int, depth: int, first: int) -> nn.ModuleList:
-            # rope_reference_side=None: integer grid positions (official pt_seq_len = grid = 16)
-            return nn.ModuleList([
-                AdaLNBlock(width, heads, mlp_ratio, cond_dim=De, qkv_bias=True, rope_reference_side=None,
-                           norm_eps=norm_eps, attn_drop=attn_dropout, proj_drop=proj_dropout,
-                           drop_path=dpr[first + i], cross_attn=text_xattn, context_dim=De)
-                for i in range(depth)
-            ])
-
-        self.encoder_blocks = stack(De, encoder_num_heads, encoder_depth, 0)
-        self.encoder_norm = RMSNorm(De, norm_eps)
-        self.decoder_embed = nn.Linear(De, Dd)
-        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len, Dd))
-        self.decoder_blocks = stack(Dd, decoder_num_heads, decoder_depth, encoder_depth)
-        self.decoder_norm = RMSNorm(Dd, norm_eps)
+        # rope_reference_side=None: integer grid positions (official pt_seq_len = grid = 16)
+        init_encoder_decoder_stacks(
+            self, token_channels=self.token_channels, seq_len=self.seq_len, encoder_embed_dim=De,
+            encoder_num_heads=encoder_num_heads, encoder_depth=encoder_depth, decoder_embed_dim=Dd,
+            decoder_num_heads=decoder_num_heads, decoder_depth=decoder_depth, mlp_ratio=mlp_ratio,
+            rope_reference_side=None, norm_eps=norm_eps, attn_dropout=attn_dropout, proj_dropout=proj_dropout,
+            drop_path_rate=drop_path_rate, cross_attn=text_xattn,
+        )
         self.pred = nn.Linear(Dd, self.token_channels)
         self.register_layout_buffers()
         self.initialize_weights()
