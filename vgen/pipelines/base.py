@@ -25,9 +25,9 @@ them into ``model_index.json`` (``default_<name>``) and ``from_pretrained`` give
    (latent output before any decoding, else the images as ``output_type``), and implement
    ``latents_to_images(latents) -> (B, 3, H, W)`` in [0, 1]; ``pipe.decode_latents(latents, output_type)`` then
    turns latent output into the images the same call would have returned.
-4. Optionally ``card_facts()`` (family facts for the model card, e.g. resolution) and ``output_field = "frames"``
-   for families whose output holds frames (the card's loading example). Saving with dtypes and variants,
-   model cards, quiet loading (no accelerate warning), ``dtype=`` on every diffusers version and the
+4. Optionally ``card_facts()`` (family facts for the model card, e.g. resolution), ``output_field = "frames"``
+   for families whose output holds frames and ``example_prompt`` (the card's loading example). Saving with dtypes
+   and variants, model cards, quiet loading (no accelerate warning), ``dtype=`` on every diffusers version and the
    ``enable_model_cpu_offload`` message come by inheritance.
 
 **Seeds.** ``generator`` is one ``torch.Generator`` per image (image i uses ``generator[i]``), or one generator:
@@ -78,6 +78,8 @@ class VGenPipeline(DiffusionPipeline):
     latent_description: ClassVar[str] = ""
     #: the output field a call's results are in (the model card's example reads it): ``images``, or ``frames``
     output_field: ClassVar[str] = "images"
+    #: a prompt the model card's loading example uses for text models (in the family's training vocabulary)
+    example_prompt: ClassVar[str] = "a photo of a red circle"
 
     def __init_subclass__(cls, **kwargs):
         """Make every vgen pipeline class visible to diffusers' generic loader: ``DiffusionPipeline.from_pretrained``
