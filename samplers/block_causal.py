@@ -18,6 +18,11 @@ streaming demo, a speculative router):
         if prompt_changed:
             sampler.set_condition(new_cond)    # later blocks follow the new prompt
 
+``sampler.blocks(n, on_step_end=hook)`` calls a :class:`~vgen.samplers.step_end.StepEnd` hook once per block,
+between its denoising and its commit, with the block's clean latents ``x_clean`` (which the hook may replace: the
+replacement is what is committed, so the later blocks condition on it, and what is yielded) and its starting noise
+``noise`` (read-only); the loop stops after the block when the hook is interrupted (diffusers' ``pipe._interrupt``).
+
 The lower-level :meth:`~BlockCausalSampler.denoise` / :meth:`~BlockCausalSampler.commit` split one step in two,
 so that another procedure may decide which block is committed (SDVG routing: a drafter's block or the target's).
 Randomness: a video's noise comes from its own generator only, so it does not depend on the batch (except through
@@ -39,6 +44,7 @@ from vgen.samplers.flow_transitions import DenoiseRenoise, FlowIntegrator
 from vgen.samplers.interfaces import BlockCausalModel
 from vgen.samplers.logits import Generators
 from vgen.samplers.noise import per_sample_normal
+from vgen.samplers.step_end import StepEnd
 
 
 @dataclass
@@ -167,32 +173,47 @@ class BlockCausalSampler:
         self.model.commit_block(torch.cat([x_clean, x_clean]) if self._use_cfg else x_clean, self.state)
         self.index += 1
 
-    def step(self, commit: bool = True) -> GeneratedBlock:
-        """Denoise the next block and (unless ``commit=False``, e.g. the last block of a clip) commit it."""
+    def step(self, commit: bool = True, on_step_end: StepEnd | None = None) -> GeneratedBlock:
+        """Denoise the next block and (unless ``commit=False``, e.g. the last block of a clip) commit it.
+
+        ``on_step_end`` is called once the block is denoised, as ``on_step_end(index, index, tensors)`` with
+        ``x_clean`` (B, f, C, h, w) float32, the clean block, and ``noise`` (B, f, C, h, w) float32, its starting
+        noise at t = 1; a returned replacement of ``x_clean`` (same shape) is committed and returned instead, and an
+        interrupted hook skips the commit (the loop stops after this block, so nothing reads it)."""
         device = self.device
         first_frame, index = self.index * self.model.frames_per_block, self.index
         _sync(device)
         start = time.perf_counter()
-        x_clean = self.denoise()
+        noise = self.draw_noise()
+        x_clean = self.denoise(noise)
         _sync(device)
         denoised = time.perf_counter()
+        if on_step_end is not None:
+            tensors = on_step_end(index, index, {"x_clean": x_clean, "noise": noise})
+            if tensors["x_clean"] is not x_clean:
+                x_clean = tensors["x_clean"].to(device, torch.float32)
+            commit = commit and not on_step_end.interrupted
+        committing = time.perf_counter()
         if commit:
             self.commit(x_clean)
             _sync(device)
         else:
             self.index += 1
-        timings = BlockTimings(denoise=denoised - start, commit=time.perf_counter() - denoised)
+        timings = BlockTimings(denoise=denoised - start, commit=time.perf_counter() - committing)
         return GeneratedBlock(index, first_frame, x_clean, timings)
 
-    def blocks(self, num_blocks: int | None = None) -> Iterator[GeneratedBlock]:
+    def blocks(self, num_blocks: int | None = None, on_step_end: StepEnd | None = None) -> Iterator[GeneratedBlock]:
         """Yield blocks as they are generated: ``num_blocks`` of them (the last one is not committed: nothing reads
-        it), or without end when None (every block committed)."""
+        it), or without end when None (every block committed). ``on_step_end``: the end-of-block hook (see
+        :meth:`step`); the blocks stop after the one at which it is interrupted."""
         if num_blocks is not None and num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         count = 0
         while num_blocks is None or count < num_blocks:
             count += 1
-            yield self.step(commit=num_blocks is None or count < num_blocks)
+            yield self.step(commit=num_blocks is None or count < num_blocks, on_step_end=on_step_end)
+            if on_step_end is not None and on_step_end.interrupted:
+                return
 
 
 def generate_blocks(model: BlockCausalModel, cond: Any, batch_size: int, num_blocks: int, sampling: BlockSampling,

@@ -220,6 +220,21 @@ def test_latent_output_round_trips_and_bad_latents_are_refused():
         pipe(class_labels=[0], output_type="latents")
 
 
+def test_var_latent_output_decodes_nothing_and_images_come_from_f_hat(monkeypatch):
+    pipe = tiny()
+    images = pipe(class_labels=[0], generator=seeds(4), output_type="pt").images
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("latent output decoded")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipe.vqvae, "fhat_to_img", no_decoding)
+        latents = pipe(class_labels=[0], generator=seeds(4), output_type="latent").images
+    assert latents.shape == (1, LENGTH)
+    # the images are the summed features decoded; without more_smooth that is the ids' decoding
+    assert torch.allclose(images, pipe.decode_latents(latents, output_type="pt").images, atol=1e-6)
+
+
 def test_progress_bar_config_is_honoured():
     pipe = tiny()
     stream = io.StringIO()

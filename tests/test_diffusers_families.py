@@ -1,8 +1,9 @@
-"""The diffusers conventions of RasterARPipeline and FlowARPipeline (VAR's are in test_diffusers_conventions.py): a
-step callback per unit (raster code / Token-Shuffle window) or per scale (FlowAR), replacing a step's tokens as
-teacher forcing them would, interruption after a step, latent output that decode_latents turns into the same
-images, one clear error for a bad tensor name, and FlowAR's unconditional images. Tiny random components of
-test_raster_ar_pipeline.py and test_flowar_pipeline.py."""
+"""The diffusers conventions of RasterARPipeline, FlowARPipeline and NFIG (VAR's are in test_diffusers_conventions.py,
+xAR's in test_xar_pipeline.py, video's in test_video_pipeline.py): a step callback per unit (raster code /
+Token-Shuffle window), per scale (FlowAR) or per frequency band (NFIG), replacing a step's tokens as teacher forcing
+them would, interruption after a step, latent output that decode_latents turns into the same images (and that decodes
+nothing itself), one clear error for a bad tensor name, and FlowAR's unconditional images. Tiny random components of
+test_raster_ar_pipeline.py, test_flowar_pipeline.py and test_nfig.py."""
 
 import io
 
@@ -20,6 +21,8 @@ from vgen.samplers.next_scale import TokenSampling
 from vgen.samplers.next_token import generate_next_token
 
 from test_flowar_pipeline import tiny_flowar, tiny_vae
+from test_nfig import PATCH_NUMS as BANDS
+from test_nfig import PROMPT, tiny_nfig_pipeline
 from test_raster_ar_pipeline import tiny_pipe
 
 GRID = 4  # the tiny raster model's 4x4 code grid (16 px images)
@@ -254,3 +257,57 @@ def test_vgen_generate_unconditional_with_a_flowar_folder(flowar, tmp_path):
     assert main(["generate", "--model", str(tmp_path / "flowar"), "--unconditional", "--n", "2", "--seed", "0",
                  "--out-dir", str(tmp_path / "out")]) == 0
     assert len(sorted((tmp_path / "out").glob("*.png"))) == 2
+
+
+# -- NFIG (VARPipeline over the FR-VAE's frequency bands) ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nfig():
+    pipe = tiny_nfig_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_nfig_callback_sees_every_band_and_interrupt_keeps_the_lower_bands(nfig):
+    calls = []
+
+    def record_and_stop(p, step_index, timestep, kwargs):
+        calls.append((step_index, timestep, tuple(kwargs["idx_Bl"].shape), tuple(kwargs["f_hat"].shape)))
+        if step_index == 1:
+            p._interrupt = True
+        return kwargs
+
+    latents = nfig(prompt=PROMPT, generator=seeds(0), callback_on_step_end=record_and_stop,
+                   callback_on_step_end_tensor_inputs=["idx_Bl", "f_hat"], output_type="latent").images
+    assert calls == [(0, 1, (1, 1), (1, 16, 8, 8)), (1, 2, (1, 4), (1, 16, 8, 8))]  # bands 1x1, 2x2 of 1, 2, 4, 8
+    full = nfig(prompt=PROMPT, generator=seeds(0), output_type="latent").images
+    assert full.shape == (1, sum(pn * pn for pn in BANDS)) and torch.equal(latents, full[:, :5])
+    images = nfig(prompt=PROMPT, generator=seeds(0), callback_on_step_end=record_and_stop,
+                  callback_on_step_end_tensor_inputs=["idx_Bl", "f_hat"], output_type="pt").images
+    assert images.shape == (1, 3, 32, 32) and len(calls) == 4
+    # the image of the two lowest bands is the decoding of their codes
+    assert torch.allclose(images, nfig.decode_latents(latents, output_type="pt").images, atol=1e-5)
+    finished = nfig(prompt=PROMPT, generator=seeds(0), output_type="pt").images
+    assert torch.allclose(finished, nfig.decode_latents(full, output_type="pt").images, atol=1e-5)
+    assert (finished - images).abs().max() > 1e-3
+
+
+# -- the shared end of __call__ --------------------------------------------------------------------------------
+
+
+def test_latent_output_decodes_nothing(flowar, monkeypatch):
+    """``output_type="latent"`` and ``return_latents`` return before any decoding (VGenPipeline.call_output)."""
+    pipe = raster(1)
+
+    def no_decoding(latents):
+        raise AssertionError("latent output decoded its latents")
+
+    for p, condition in ((pipe, [1]), (flowar, [1])):
+        monkeypatch.setattr(p, "latents_to_images", no_decoding)
+        latents = p(class_labels=condition, generator=seeds(0), output_type="latent").images
+        assert latents.shape[0] == 1
+        assert p(class_labels=condition, generator=seeds(0), output_type="latent", return_dict=False)[0].shape == \
+            latents.shape
+    assert torch.equal(flowar(class_labels=[1], generator=seeds(0), return_latents=True),
+                       flowar(class_labels=[1], generator=seeds(0), output_type="latent").images)

@@ -276,3 +276,157 @@ def test_image_commands_refuse_a_video_model_in_one_line(tmp_path):
     tiny_pipeline().save_pretrained(model)
     done = _vgen("generate", PROMPT, "--model", str(model), "--out", str(tmp_path / "g.png"), cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "vgen generate-video" in done.stderr
+
+
+# -- diffusers conventions: a step callback per block, interruption, latent output ----------------------------------
+
+
+def seeds(*values):
+    return [torch.Generator().manual_seed(v) for v in values]
+
+
+class _Hook:
+    """A :class:`vgen.samplers.step_end.StepEnd` hook: records the tensors, replaces ``x_clean`` of the blocks in
+    ``replace`` and is interrupted after block ``stop_after``."""
+
+    def __init__(self, replace=None, stop_after=None):
+        self.replace, self.stop_after, self.seen, self.interrupted = replace or {}, stop_after, [], False
+
+    def __call__(self, step_index, timestep, tensors):
+        self.seen.append((step_index, timestep, {k: v.clone() for k, v in tensors.items()}))
+        self.interrupted = step_index == self.stop_after
+        if step_index in self.replace:
+            return {**tensors, "x_clean": self.replace[step_index]}
+        return tensors
+
+
+class _RecordingMeanFlow(_MeanFlow):
+    def commit_block(self, x_clean, state):
+        self.committed = getattr(self, "committed", []) + [x_clean.clone()]
+        super().commit_block(x_clean, state)
+
+
+def test_block_loop_hook_replaces_what_is_committed_and_stops_after_the_block():
+    model = _RecordingMeanFlow(mean=2.0)
+    sampling = BlockSampling(shifted_time_grid(3, 2.0), EulerODE())
+    fixed = torch.full((1, 2, 1, 2, 2), -5.0)
+    hook = _Hook(replace={1: fixed}, stop_after=2)
+    blocks = list(BlockCausalSampler(model, torch.ones(1), 1, sampling, seeds(0)).blocks(4, on_step_end=hook))
+    assert [b.index for b in blocks] == [0, 1, 2]  # stopped after block 2 of 4
+    assert [(i, t, sorted(kw)) for i, t, kw in hook.seen] == [(i, i, ["noise", "x_clean"]) for i in range(3)]
+    assert torch.equal(blocks[1].latents, fixed) and torch.equal(model.committed[1], fixed)
+    assert len(model.committed) == 2  # the interrupted block is not committed: nothing reads it
+    torch.testing.assert_close(hook.seen[0][2]["noise"], torch.randn((1, 2, 1, 2, 2), generator=seeds(0)[0]))
+    plain = list(BlockCausalSampler(_MeanFlow(mean=2.0), torch.ones(1), 1, sampling, seeds(0)).blocks(3))
+    torch.testing.assert_close(blocks[0].latents, plain[0].latents, atol=0, rtol=0)  # a hook alone changes nothing
+
+
+def test_video_callback_sees_every_block_with_the_declared_tensors():
+    pipe = tiny_pipeline()
+    calls = []
+
+    def record(p, step_index, timestep, kwargs):
+        assert p is pipe and set(kwargs) == {"x_clean", "noise"}
+        calls.append((step_index, timestep, tuple(kwargs["x_clean"].shape), kwargs["x_clean"].dtype,
+                      tuple(kwargs["noise"].shape), kwargs["noise"].dtype))
+        return kwargs
+
+    latents = pipe(PROMPT, num_frames=8, num_videos_per_prompt=2, generator=seeds(0, 1), output_type="latent",
+                   callback_on_step_end=record, callback_on_step_end_tensor_inputs=["x_clean", "noise"]).frames
+    block = (2, *pipe.transformer.block_shape)
+    assert calls == [(i, i, block, torch.float32, block, torch.float32) for i in range(4)]
+    assert pipe.num_timesteps == 4 and latents.shape == (2, 8, *pipe.transformer.block_shape[1:])
+    seen = []
+    pipe(PROMPT, num_frames=4, generator=seeds(0), callback_on_step_end=lambda p, i, t, kw: seen.append(set(kw)))
+    assert seen == [{"x_clean"}] * 2  # the default tensor inputs; returning None keeps the block
+
+
+def test_replacing_a_block_is_what_the_later_blocks_condition_on():
+    """A block replaced in the callback is the video's block and what the KV cache stores: the later blocks equal
+    the loop's own split (denoise, then commit the replacement), and differ from an unreplaced run."""
+    pipe = tiny_pipeline(num_steps=2)
+    fixed = torch.linspace(-1, 1, 2 * 4 * 8 * 8).view(1, 2, 4, 8, 8)
+    assert tuple(fixed.shape[1:]) == tuple(pipe.transformer.block_shape)
+
+    def replace_block_one(p, step_index, timestep, kwargs):
+        return {"x_clean": fixed} if step_index == 1 else kwargs
+
+    def call(output_type):
+        return pipe(PROMPT, num_frames=8, generator=seeds(3), output_type=output_type,
+                    callback_on_step_end=replace_block_one).frames
+
+    latents = call("latent")
+    sampler, _ = pipe._sampler(PROMPT, 1, seeds(3), 8, {})
+    expected = []
+    for index in range(4):
+        block = sampler.denoise()
+        block = fixed if index == 1 else block
+        expected.append(block)
+        sampler.commit(block)
+    assert torch.equal(latents[:, 2:4], fixed)
+    torch.testing.assert_close(latents, torch.cat(expected, 1), atol=1e-6, rtol=0)
+    free = pipe(PROMPT, num_frames=8, generator=seeds(3), output_type="latent").frames
+    torch.testing.assert_close(free[:, :2], latents[:, :2], atol=0, rtol=0)  # the block before it did not change
+    assert (free[:, 4:] - latents[:, 4:]).abs().max() > 1e-3  # the later blocks saw the replacement
+    frames = call("np")
+    np.testing.assert_allclose(frames, pipe.decode_latents(latents).frames, atol=1e-6)
+    with pytest.raises(UserError, match="'noise' is read-only .* may replace: x_clean"):
+        pipe(PROMPT, num_frames=4, callback_on_step_end_tensor_inputs=["noise"],
+             callback_on_step_end=lambda p, i, t, kw: {"noise": kw["noise"] * 0})
+    with pytest.raises(UserError, match="'latents' not available in VideoPipeline; its step tensors: x_clean, noise"):
+        pipe(PROMPT, num_frames=4, callback_on_step_end=lambda p, i, t, kw: kw,
+             callback_on_step_end_tensor_inputs=["latents"])
+
+
+def test_video_interrupt_stops_after_the_block_with_the_frames_made_so_far():
+    pipe = tiny_pipeline()
+
+    def stop_after_two(p, step_index, timestep, kwargs):
+        if step_index == 1:
+            p._interrupt = True
+        return kwargs
+
+    out = pipe(PROMPT, num_frames=8, generator=seeds(4), callback_on_step_end=stop_after_two, output_type="latent")
+    full = pipe(PROMPT, num_frames=8, generator=seeds(4), output_type="latent").frames
+    assert out.frames.shape == (1, 4, 4, 8, 8) and out.prompts == [PROMPT] and not pipe.interrupt
+    torch.testing.assert_close(out.frames, full[:, :4], atol=0, rtol=0)
+    frames = pipe(PROMPT, num_frames=8, generator=seeds(4), callback_on_step_end=stop_after_two).frames
+    assert frames.shape == (1, 4, 32, 32, 3)
+    np.testing.assert_allclose(frames, pipe.decode_latents(out.frames).frames, atol=1e-6)
+
+
+def test_video_latent_output_round_trips_through_decode_latents():
+    pipe = tiny_pipeline()
+    latents = pipe(PROMPT, num_frames=4, num_videos_per_prompt=2, generator=seeds(5, 6), output_type="latent").frames
+    assert latents.shape == (2, 4, 4, 8, 8) and latents.dtype == torch.float32
+    for output_type in ("np", "pt"):
+        made = pipe(PROMPT, num_frames=4, num_videos_per_prompt=2, generator=seeds(5, 6),
+                    output_type=output_type).frames
+        decoded = pipe.decode_latents(latents, output_type=output_type)
+        assert decoded.prompts == [] and type(decoded.frames) is type(made)
+        np.testing.assert_allclose(np.asarray(decoded.frames), np.asarray(made), atol=1e-6)
+    clips = pipe.decode_latents(latents, output_type="pil").frames
+    assert len(clips) == 2 and len(clips[0]) == 4 and clips[0][0].size == (32, 32)
+    assert pipe.decode_latents(latents, return_dict=False)[0].shape == (2, 4, 32, 32, 3)
+    with pytest.raises(UserError, match=r"latents must be latent frames \(B, F, 4, 8, 8\) float"):
+        pipe.decode_latents(latents[:, :, :3])
+    with pytest.raises(UserError, match="decode_latents turns latents into frames"):
+        pipe.decode_latents(latents, output_type="latent")
+
+
+def test_video_card_and_progress_bar(tmp_path):
+    import io
+
+    from vgen.pipelines.video import VideoPipeline
+
+    pipe = tiny_pipeline()
+    stream = io.StringIO()
+    pipe.set_progress_bar_config(file=stream, desc="blocks", disable=False)
+    pipe(PROMPT, num_frames=6, generator=seeds(0))
+    assert "blocks: 100%" in stream.getvalue() and "3/3" in stream.getvalue()
+    pipe.save_pretrained(tmp_path / "p")
+    card = (tmp_path / "p" / "README.md").read_text()
+    assert f'`output_type="latent"` returns {VideoPipeline.latent_description}' in card
+    assert ".frames" in card and ".images" not in card and "text-to-video" in card
+    assert f'frames = pipe(prompt="{PROMPT}", generator=torch.Generator().manual_seed(0)).frames' in card
+    assert f'vgen generate-video "{PROMPT}" --model p --seed 0 --out clip.gif' in card

@@ -188,3 +188,143 @@ def test_bad_components_and_settings_give_one_line():
         pipe(class_labels=[0], num_steps=0)
     with pytest.raises(UserError, match=r"class label\(s\) 10 out of range"):
         pipe(class_labels=[10])
+
+
+# -- diffusers conventions: step callback per cell, interruption, latent output, unconditional images ---------------
+
+
+def seeds(*values):
+    return [torch.Generator().manual_seed(v) for v in values]
+
+
+@pytest.fixture(scope="module")
+def xar():
+    pipe = XARPipeline(vae=tiny_vae(), transformer=tiny_xar(), default_guidance_scale=3.0, default_num_steps=3)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def loop_units(pipe, cond, batch_size, generators, **hooks):
+    """The shared loop with the pipeline's settings (3 SDE points, cfg 3 on xAR's ramp)."""
+    return generate_flow_units(pipe.transformer, cond, batch_size, xar_time_grid(3), EulerMaruyamaSDE(),
+                               guidance_scale=3.0, generators=generators, **hooks)
+
+
+def test_xar_callback_sees_every_cell_with_the_declared_tensors(xar):
+    calls = []
+
+    def record(p, step_index, timestep, kwargs):
+        assert p is xar and set(kwargs) == {"x_clean", "velocity"}
+        calls.append((step_index, timestep, tuple(kwargs["x_clean"].shape), kwargs["x_clean"].dtype,
+                      tuple(kwargs["velocity"].shape), kwargs["velocity"].dtype,
+                      bool(torch.isfinite(kwargs["velocity"]).all())))
+        return kwargs
+
+    xar(class_labels=[1, 2], generator=seeds(0, 1), callback_on_step_end=record,
+        callback_on_step_end_tensor_inputs=["x_clean", "velocity"], output_type="latent")
+    # 4 cells of 2x2 tokens, 4 latent channels (patch 1)
+    assert calls == [(k, k, (2, 4, 4), torch.float32, (2, 4, 4), torch.float32, True) for k in range(4)]
+    assert xar.num_timesteps == 4
+    seen = []
+    xar(class_labels=[1], generator=seeds(0), callback_on_step_end=lambda p, i, t, kw: seen.append(set(kw)))
+    assert seen == [{"x_clean"}] * 4  # the default tensor inputs; returning None keeps the cell
+
+
+def test_replacing_a_cell_is_what_the_later_cells_condition_on_and_what_is_decoded(xar):
+    fixed = torch.linspace(-1, 1, 2 * 4 * 4).view(2, 4, 4)  # cell 1 (top right): 2x2 tokens of 4 channels
+
+    def replace_cell_one(p, step_index, timestep, kwargs):
+        return {"x_clean": fixed} if step_index == 1 else kwargs
+
+    def call(output_type):
+        return xar(class_labels=[3, 5], generator=seeds(2, 4), callback_on_step_end=replace_cell_one,
+                   output_type=output_type).images
+
+    latents = call("latent")
+    cond, _ = xar.encode_condition(None, [3, 5], 1)
+    out = loop_units(xar, cond, 2, seeds(2, 4), on_unit=lambda k, x: fixed if k == 1 else None)
+    assert torch.equal(out.units[1], fixed)
+    assert latents.shape == (2, 4, 4, 4) and latents.dtype == torch.float32
+    assert torch.allclose(latents, xar.transformer.units_to_latents(out.units), atol=1e-6)
+    # the replaced cell is in the latent where cell 1 lies (rows 0-1, columns 2-3), token by token
+    torch.testing.assert_close(latents[:, :, :2, 2:], fixed.view(2, 2, 2, 4).permute(0, 3, 1, 2))
+    free = xar(class_labels=[3, 5], generator=seeds(2, 4), output_type="latent").images
+    assert (free[:, :, 2:] - latents[:, :, 2:]).abs().max() > 1e-3  # the later cells saw the replacement
+    torch.testing.assert_close(free[:, :, :2, :2], latents[:, :, :2, :2])  # the cell before it did not change
+    images = call("pt")
+    assert torch.allclose(images, xar.decode_latents(latents, output_type="pt").images, atol=1e-6)
+
+
+def test_xar_interrupt_stops_after_the_cell_and_leaves_the_rest_nan_and_black(xar):
+    cells = []
+
+    def stop_after_two(p, step_index, timestep, kwargs):
+        cells.append(kwargs["x_clean"])
+        if step_index == 1:
+            p._interrupt = True
+        return kwargs
+
+    latents = xar(class_labels=[4], generator=seeds(9), callback_on_step_end=stop_after_two,
+                  output_type="latent").images
+    assert len(cells) == 2 and latents.shape == (1, 4, 4, 4)
+    assert latents[:, :, 2:].isnan().all() and torch.isfinite(latents[:, :, :2]).all()  # cells 2, 3: bottom half
+    full = xar(class_labels=[4], generator=seeds(9), output_type="latent").images
+    assert torch.allclose(latents[:, :, :2], full[:, :, :2], atol=1e-6) and not xar.interrupt
+    images = xar(class_labels=[4], generator=seeds(9), callback_on_step_end=stop_after_two, output_type="pt").images
+    assert images.shape == (1, 3, 8, 8)
+    assert torch.allclose(images, xar.decode_latents(latents, output_type="pt").images, atol=1e-6)
+    assert (images[:, :, 4:] == 0).all() and images[:, :, :4].abs().sum() > 0  # the cells not made are black
+    assert len(xar.decode_latents(latents).images) == 1  # PIL by default
+
+
+def test_xar_latent_output_round_trips_and_bad_input_is_one_clear_error(xar):
+    latents = xar(class_labels=[1, 2], generator=seeds(5, 6), output_type="latent").images
+    assert latents.shape == (2, 4, 4, 4) and latents.dtype == torch.float32 and torch.isfinite(latents).all()
+    images = xar(class_labels=[1, 2], generator=seeds(5, 6), output_type="pt").images
+    assert torch.allclose(xar.decode_latents(latents, output_type="pt").images, images, atol=1e-6)
+    assert torch.equal(xar(class_labels=[1, 2], generator=seeds(5, 6), return_latents=True), latents)
+    assert xar(class_labels=[1], generator=seeds(5), output_type="latent", return_dict=False)[0].shape == (1, 4, 4, 4)
+    with pytest.raises(UserError, match=r"this xAR model generates a 4x4 latent .* got 3x3"):
+        xar.decode_latents(latents[:, :, :3, :3])
+    with pytest.raises(UserError, match="latents must be the float latents"):
+        xar.decode_latents(latents.long())
+    with pytest.raises(UserError, match="'latents' not available in XARPipeline; its step tensors: x_clean, velocity"):
+        xar(class_labels=[0], callback_on_step_end=lambda p, i, t, kw: kw,
+            callback_on_step_end_tensor_inputs=["latents"])
+    with pytest.raises(UserError, match="'velocity' is read-only .* may replace: x_clean"):
+        xar(class_labels=[0], callback_on_step_end_tensor_inputs=["velocity"],
+            callback_on_step_end=lambda p, i, t, kw: {"velocity": kw["velocity"] * 0})
+    with pytest.raises(UserError, match=r"returned x_clean of shape \(1, 3, 4\); it must keep the shape \(1, 4, 4\)"):
+        xar(class_labels=[0], callback_on_step_end=lambda p, i, t, kw: {"x_clean": kw["x_clean"][:, :3]})
+
+
+def test_xar_unconditional_images_and_progress_bar(xar):
+    import io
+
+    images = xar(unconditional=True, num_images_per_prompt=2, generator=seeds(0, 1), output_type="pt").images
+    out = loop_units(xar, xar.transformer.null_condition(2), 2, seeds(0, 1))
+    expected = xar.latents_to_images(xar.transformer.units_to_latents(out.units))
+    assert images.shape == (2, 3, 8, 8) and torch.allclose(images, expected, atol=1e-6)
+    assert (xar(class_labels=[0, 0], generator=seeds(0, 1), output_type="pt").images - images).abs().max() > 1e-4
+    with pytest.raises(UserError, match="unconditional images take no prompt and no class labels"):
+        xar(unconditional=True, class_labels=[1])
+    stream = io.StringIO()
+    xar.set_progress_bar_config(file=stream, desc="cells", disable=False)
+    try:
+        xar(class_labels=[0], generator=seeds(0))
+    finally:
+        xar.set_progress_bar_config(disable=True)
+    assert "cells: 100%" in stream.getvalue() and "4/4" in stream.getvalue()
+
+
+def test_saved_xar_card_says_what_latent_output_is(xar, tmp_path):
+    xar.save_pretrained(tmp_path / "p")
+    card = (tmp_path / "p" / "README.md").read_text()
+    assert f'`output_type="latent"` returns {XARPipeline.latent_description}' in card
+    assert "NaN at the latent pixels of the cells it did not make" in card
+
+
+def test_vgen_generate_unconditional_with_an_xar_folder(converted, tmp_path):
+    assert main(["generate", "--model", str(converted), "--unconditional", "--n", "2", "--seed", "0",
+                 "--num-steps", "2", "--out-dir", str(tmp_path / "out")]) == 0
+    assert len(sorted((tmp_path / "out").glob("*.png"))) == 2

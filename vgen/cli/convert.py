@@ -10,8 +10,25 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from vgen.errors import UserError
+
+
+def new_output_folder(path: str) -> Path:
+    """``--out``: a folder to write into that is new or empty (a converter never mixes its files with others)."""
+    from vgen.cli.checks import check_output_folder
+
+    out = check_output_folder(path, "--out")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"output folder {out} exists and is not empty; choose a new --out")
+    return out
+
+
+def check_num_classes(expected: int | None, found: int) -> None:
+    """``--num-classes`` (None: not given) against the classes of the checkpoint read."""
+    if expected is not None and found != expected:
+        raise UserError(f"--num-classes {expected} does not match the checkpoint, which has {found} classes")
 
 
 def register(subparsers) -> None:
@@ -84,14 +101,11 @@ def register_llamagen(kinds) -> None:
 
 
 def convert_llamagen_official(args: argparse.Namespace) -> int:
-    from vgen.cli.checks import check_output_folder
     from vgen.models.raster_ar_official import load_official_llamagen_gpt
     from vgen.pipelines.raster_ar import RasterARPipeline
     from vgen.tokenizers.single_scale_vq import load_official_llamagen_vq
 
-    out = check_output_folder(args.out, "--out")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"output folder {out} exists and is not empty; choose a new --out")
+    out = new_output_folder(args.out)
     vqvae = load_official_llamagen_vq(args.vq)
     grid, leftover = divmod(args.image_size, vqvae.downsample)
     if leftover or grid < 1:
@@ -109,23 +123,14 @@ def convert_llamagen_official(args: argparse.Namespace) -> int:
 
 
 def convert_var_official(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from vgen.cli.checks import check_output_folder
     from vgen.models.var_official import load_official_var
     from vgen.pipelines.model_card import ModelCardInfo
     from vgen.pipelines.var import VARPipeline
     from vgen.tokenizers.msvq import load_official_var_vae
 
-    out = check_output_folder(args.out, "--out")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"output folder {out} exists and is not empty; choose a new --out")
+    out = new_output_folder(args.out)
     transformer = load_official_var(args.var)
-    if args.num_classes is not None and transformer.config.num_classes != args.num_classes:
-        raise UserError(
-            f"--num-classes {args.num_classes} does not match the checkpoint, which has "
-            f"{transformer.config.num_classes} classes"
-        )
+    check_num_classes(args.num_classes, transformer.config.num_classes)
     vqvae = load_official_var_vae(args.vae, patch_nums=tuple(transformer.config.patch_nums))
     # the pipeline checks that the VQVAE fits the transformer (vgen.pipelines.next_scale_tokenizer)
     pipe = VARPipeline(vqvae=vqvae, transformer=transformer, text_encoder=None)
@@ -149,19 +154,14 @@ def convert_var_official(args: argparse.Namespace) -> int:
 
 
 def convert_flowar_official(args: argparse.Namespace) -> int:
-    from vgen.cli.checks import check_output_folder
     from vgen.models.flowar_official import load_official_flowar, official_sampling_defaults, official_size_name
     from vgen.pipelines.flowar import FlowARPipeline
     from vgen.tokenizers.kl_autoencoder import load_official_kl16
 
-    out = check_output_folder(args.out, "--out")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"output folder {out} exists and is not empty; choose a new --out")
+    out = new_output_folder(args.out)
     transformer = load_official_flowar(args.flowar)
     cfg = transformer.config
-    if args.num_classes is not None and cfg.num_classes != args.num_classes:
-        raise UserError(f"--num-classes {args.num_classes} does not match the checkpoint, which has "
-                        f"{cfg.num_classes} classes")
+    check_num_classes(args.num_classes, cfg.num_classes)
     vae = load_official_kl16(args.vae)
     defaults = official_sampling_defaults(transformer)
     pipe = FlowARPipeline(vae=vae, transformer=transformer, text_encoder=None,
@@ -176,19 +176,14 @@ def convert_flowar_official(args: argparse.Namespace) -> int:
 
 
 def convert_xar_official(args: argparse.Namespace) -> int:
-    from vgen.cli.checks import check_output_folder
     from vgen.models.xar_official import load_official_xar, official_sampling_defaults, official_size_name
     from vgen.pipelines.xar import XARPipeline
     from vgen.tokenizers.kl_autoencoder import load_official_kl16
 
-    out = check_output_folder(args.out, "--out")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"output folder {out} exists and is not empty; choose a new --out")
+    out = new_output_folder(args.out)
     transformer = load_official_xar(args.xar)
     cfg = transformer.config
-    if args.num_classes is not None and cfg.num_classes != args.num_classes:
-        raise UserError(f"--num-classes {args.num_classes} does not match the checkpoint, which has "
-                        f"{cfg.num_classes} classes")
+    check_num_classes(args.num_classes, cfg.num_classes)
     vae = load_official_kl16(args.vae)
     defaults = official_sampling_defaults(transformer)
     pipe = XARPipeline(vae=vae, transformer=transformer, text_encoder=None,

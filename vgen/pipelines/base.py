@@ -21,12 +21,13 @@ them into ``model_index.json`` (``default_<name>``) and ``from_pretrained`` give
    ``tensors = hook(step_index, timestep, tensors)`` after each step, re-applies replaced tensors, and stops when
    ``hook.interrupted``). It passes ``progress=self.progress_bar`` to the loop (so ``set_progress_bar_config``
    works) and ``generators=self.generators_for(generator, batch_size)`` (the seed mapping below).
-3. ``output_type="latent"``: return ``self.latent_output(latents, return_dict)`` before decoding, and implement
+3. ``output_type="latent"``: end ``__call__`` with ``return self.call_output(latents, output_type, return_dict)``
+   (latent output before any decoding, else the images as ``output_type``), and implement
    ``latents_to_images(latents) -> (B, 3, H, W)`` in [0, 1]; ``pipe.decode_latents(latents, output_type)`` then
    turns latent output into the images the same call would have returned.
-4. Optionally ``card_facts()`` (family facts for the model card, e.g. resolution) and ``output_field = "frames"``
-   for families whose output holds frames (the card's loading example). Saving with dtypes and variants,
-   model cards, quiet loading (no accelerate warning), ``dtype=`` on every diffusers version and the
+4. Optionally ``card_facts()`` (family facts for the model card, e.g. resolution), ``output_field = "frames"``
+   for families whose output holds frames and ``example_prompt`` (the card's loading example). Saving with dtypes
+   and variants, model cards, quiet loading (no accelerate warning), ``dtype=`` on every diffusers version and the
    ``enable_model_cpu_offload`` message come by inheritance.
 
 **Seeds.** ``generator`` is one ``torch.Generator`` per image (image i uses ``generator[i]``), or one generator:
@@ -44,7 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -77,6 +78,8 @@ class VGenPipeline(DiffusionPipeline):
     latent_description: ClassVar[str] = ""
     #: the output field a call's results are in (the model card's example reads it): ``images``, or ``frames``
     output_field: ClassVar[str] = "images"
+    #: a prompt the model card's loading example uses for text models (in the family's training vocabulary)
+    example_prompt: ClassVar[str] = "a photo of a red circle"
 
     def __init_subclass__(cls, **kwargs):
         """Make every vgen pipeline class visible to diffusers' generic loader: ``DiffusionPipeline.from_pretrained``
@@ -300,6 +303,20 @@ class VGenPipeline(DiffusionPipeline):
     def latents_to_images(self, latents) -> torch.Tensor:
         """Latent output -> images (B, 3, H, W) in [0, 1]; families with latent output implement it."""
         raise UserError(f"{type(self).__name__} has no latent output")
+
+    def call_output(self, latents, output_type: str, return_dict: bool, *, return_latents: bool = False,
+                    images: Callable[[], torch.Tensor] | None = None):
+        """The end of an image pipeline's ``__call__``, once the loop has made ``latents`` (what
+        ``output_type="latent"`` returns): the bare ``latents`` with ``return_latents``, the latent output with
+        ``output_type="latent"``, else the images (B, 3, H, W) in [0, 1] as ``output_type``, made by ``images()``
+        when the family does not decode its latents (VAR decodes its summed features) and by
+        :meth:`latents_to_images` otherwise; nothing is decoded for latent output."""
+        if return_latents:
+            return latents
+        if output_type == "latent":
+            return self.latent_output(latents, return_dict)
+        made_B3HW = images() if images is not None else self.latents_to_images(latents)
+        return self.images_output(made_B3HW, output_type, return_dict)
 
     @torch.no_grad()
     def decode_latents(self, latents, output_type: str = "pil", return_dict: bool = True):

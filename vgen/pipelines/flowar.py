@@ -270,8 +270,4 @@ class FlowARPipeline(DrafterFoldersMixin, VGenPipeline):
             out = generate_flow_units(self.transformer, cond, batch_size, time_grid=time_grid, integrator=integrator,
                                       progress=self.progress_bar, on_step_end=on_step_end, **common)
         latents = self.transformer.tokens_to_latents(out.units[-1])
-        if return_latents:
-            return latents
-        if output_type == "latent":
-            return self.latent_output(latents, return_dict)
-        return self.images_output(self.latents_to_images(latents), output_type, return_dict)
+        return self.call_output(latents, output_type, return_dict, return_latents=return_latents)

@@ -123,8 +123,9 @@ def pipeline_facts(pipe, folder: Path) -> dict[str, Any]:
             "parameters": sum(p.numel() for p in module.parameters()),
             "dtype": ", ".join(_DTYPE_NAMES.get(d, d) for d in dtypes) or "-",
         })
+    makes_videos = getattr(pipe, "produces", "images") == "videos"
     if pipe.is_text_conditional:
-        conditioning = "text-to-image (prompts)"
+        conditioning = f"text-to-{'video' if makes_videos else 'image'} (prompts)"
     elif pipe.num_classes > 0:
         conditioning = f"class-conditional ({pipe.num_classes} classes)"
     else:
@@ -132,7 +133,9 @@ def pipeline_facts(pipe, folder: Path) -> dict[str, Any]:
     return {"family": family, "class_name": class_name, "conditioning": conditioning, "components": components,
             "facts": dict(pipe.card_facts()), "defaults": pipe.sampling_defaults(),
             "latent": pipe.latent_description, "text": pipe.is_text_conditional,
-            "output_field": getattr(pipe, "output_field", "images")}
+            "output_field": getattr(pipe, "output_field", "images"),
+            "example_prompt": getattr(pipe, "example_prompt", "a photo of a red circle"),
+            "command": getattr(pipe, "produces_command", "generate")}
 
 
 def card_text(pipe, folder: Path, info: ModelCardInfo) -> str:
@@ -191,8 +194,9 @@ def load_instructions(facts: dict, folder_name: str) -> list[str]:
     from vgen.pipelines.registry import PIPELINES
 
     module = PIPELINES[facts["class_name"]].target.partition(":")[0] if facts["class_name"] in PIPELINES else ""
-    condition = 'prompt="a photo of a red circle"' if facts["text"] else "class_labels=[0]"
-    cli_condition = '"a photo of a red circle"' if facts["text"] else "--class-label 0"
+    prompt = facts.get("example_prompt", "a photo of a red circle")
+    condition = f'prompt="{prompt}"' if facts["text"] else "class_labels=[0]"
+    cli_condition = f'"{prompt}"' if facts["text"] else "--class-label 0"
     lines = ["## How to load it", "", "Everything loads offline from this folder, with vgen installed (its README: "
              "`pip install -e .` in a checkout).",
              "", "```python", "import torch", "from vgen.pipelines import load_pipeline", "",
@@ -205,8 +209,12 @@ def load_instructions(facts: dict, folder_name: str) -> list[str]:
                   f"{facts['class_name']}`):", "", "```python", f"import {module}  # noqa: F401",
                   "from diffusers import DiffusionPipeline", "",
                   f'pipe = DiffusionPipeline.from_pretrained("{folder_name}")', "```", ""]
-    lines += ["From the command line:", "", "```bash",
-              f"vgen generate --model {folder_name} {cli_condition} --n 4 --seed 0 --out grid.png", "```"]
+    command = facts.get("command", "generate")
+    if command == "generate":
+        cli = f"vgen generate --model {folder_name} {cli_condition} --n 4 --seed 0 --out grid.png"
+    else:  # a video model: its own command, one clip
+        cli = f"vgen {command} {cli_condition} --model {folder_name} --seed 0 --out clip.gif"
+    lines += ["From the command line:", "", "```bash", cli, "```"]
     return lines
 
 

@@ -204,6 +204,4 @@ class RasterARPipeline(SpeculativeNextTokenMixin, VGenPipeline):
             out = generate_next_token(self.transformer, cond, batch_size, guidance_scale=sampling["guidance_scale"],
                                       guidance_schedule=schedule, sampling=token_sampling, generators=generators,
                                       progress=self.progress_bar, on_step_end=on_step_end)
-        if output_type == "latent":
-            return self.latent_output(out.tokens_BL, return_dict)
-        return self.images_output(self.latents_to_images(out.tokens_BL), output_type, return_dict)
+        return self.call_output(out.tokens_BL, output_type, return_dict)

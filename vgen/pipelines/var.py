@@ -188,7 +188,8 @@ class VARPipeline(VGenPipeline):
             progress=self.progress_bar,
             on_step_end=on_step_end,
         )
-        if output_type == "latent":
-            return self.latent_output(torch.cat(out.idx_Bl, dim=1), return_dict)
-        images = self.vqvae.fhat_to_img(out.f_hat.to(self.vqvae.dtype)).float().add(1).mul(0.5)
-        return self.images_output(images, output_type, return_dict)
+
+        def images():  # the summed features decoded (with more_smooth they differ from the ids' decoding)
+            return self.vqvae.fhat_to_img(out.f_hat.to(self.vqvae.dtype)).float().add(1).mul(0.5)
+
+        return self.call_output(torch.cat(out.idx_Bl, dim=1), output_type, return_dict, images=images)

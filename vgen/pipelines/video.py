@@ -18,6 +18,13 @@ option (:mod:`vgen.models.video_cache`). A folder may carry ``head_profile.json`
 the ``forcing_kv`` cache needs; it is checked against the transformer when used. With ``sdvg=SDVGOptions(...)`` a
 stream routes every block after the first between a drafter (this model in fewer steps, or another video pipeline
 on the same latent space) and this model (:class:`vgen.samplers.sdvg.SDVGRouter`); each block records the decision.
+
+diffusers conventions (from :class:`vgen.pipelines.base.VGenPipeline`): one step per block for
+``callback_on_step_end`` (``step_index`` = ``timestep`` = the block index; tensors ``x_clean``, the block's clean
+latents, replaceable: the later blocks condition on the replacement, and ``noise``, its starting noise, read-only;
+see :meth:`VideoPipeline.__call__`), ``pipe._interrupt = True`` (the video then holds the frames of the blocks made so
+far), ``output_type="latent"`` (the latent frames (B, F, C, h, w); ``decode_latents`` turns them into the frames the
+same call would have returned) and ``set_progress_bar_config`` (a bar over the blocks).
 """
 
 from __future__ import annotations
@@ -50,7 +57,8 @@ VIDEO_OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 @dataclass
 class VideoPipelineOutput(BaseOutput):
     """``frames``: per video, ``np``: (F, H, W, 3) float32 in [0, 1] (stacked: (B, F, H, W, 3)); ``pil``: a list of
-    F images; ``pt``: (B, F, 3, H, W); ``latent``: (B, F, C, h, w). ``prompts``: one per video."""
+    F images; ``pt``: (B, F, 3, H, W); ``latent``: (B, F, C, h, w). ``prompts``: one per video (empty from
+    :meth:`VideoPipeline.decode_latents`: latents do not record their prompts)."""
 
     frames: object
     prompts: list[str]
@@ -144,6 +152,15 @@ class VideoPipeline(VGenPipeline):
     sampling_options = options_of("VideoPipeline")
     #: what the pipeline makes and the command that writes it (the image commands refuse a video model in one line)
     produces, produces_command = "videos", "generate-video"
+    output_field, example_prompt = "frames", "a red circle moving right"
+    _callback_tensor_inputs = ["x_clean", "noise"]
+    _callback_writable_tensor_inputs = ("x_clean",)
+    _default_callback_tensor_inputs = ("x_clean",)
+    latent_description = (
+        "the latent frames (B, F, C, h, w) float32 of the per-frame autoencoder, already multiplied by its "
+        "scale_factor (an interrupted call gives the frames of the blocks it made); pipe.decode_latents(latents, "
+        "output_type) decodes them into the frames of the same call."
+    )
 
     def __init__(
         self, autoencoder, transformer: BlockCausalVideoTransformer, text_encoder=None,
@@ -219,6 +236,39 @@ class VideoPipeline(VGenPipeline):
         frames = self.decode_frames(latents_BFChw)
         return (frames.permute(0, 1, 3, 4, 2) * 255).round().to(torch.uint8).cpu().numpy()
 
+    def frames_output(self, latents_BFChw: torch.Tensor, output_type: str, return_dict: bool, prompts: list[str]):
+        """Latent frames (B, F, C, h, w) as ``output_type`` (see :class:`VideoPipelineOutput`), wrapped in it unless
+        ``return_dict`` is False (then ``(frames, prompts)``)."""
+        if output_type not in VIDEO_OUTPUT_TYPES:
+            raise UserError(f"output_type must be one of {', '.join(VIDEO_OUTPUT_TYPES)}, got {output_type!r}")
+        if output_type == "latent":
+            frames = latents_BFChw.cpu()
+        else:
+            video = self.decode_frames(latents_BFChw)  # (B, F, 3, H, W)
+            if output_type == "pt":
+                frames = video.cpu()
+            else:
+                frames = video.permute(0, 1, 3, 4, 2).cpu().numpy().astype(np.float32)
+                if output_type == "pil":
+                    frames = [self.numpy_to_pil(clip) for clip in frames]
+        if not return_dict:
+            return (frames, prompts)
+        return VideoPipelineOutput(frames=frames, prompts=prompts)
+
+    @torch.no_grad()
+    def decode_latents(self, latents, output_type: str = "np", return_dict: bool = True):
+        """The frames of a call's ``output_type="latent"`` result (B, F, C, h, w), as ``output_type`` (``np``,
+        ``pil`` or ``pt``), in a :class:`VideoPipelineOutput` with no prompts."""
+        if output_type == "latent":
+            raise UserError("decode_latents turns latents into frames: give output_type np, pil or pt")
+        shape = tuple(self.transformer.block_shape[1:])
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 5 or tuple(latents.shape[2:]) != shape \
+                or not latents.is_floating_point():
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise UserError(f"latents must be latent frames (B, F, {', '.join(map(str, shape))}) float, as "
+                            f"output_type='latent' gives; got {got}")
+        return self.frames_output(latents, output_type, return_dict, [])
+
     def _sampler(self, prompt, num_videos_per_prompt, generator, num_frames, sampling_given):
         sampling = self.resolve_sampling(**sampling_given)
         cond, prompts = self.encode_condition(prompt, None, num_videos_per_prompt)
@@ -290,31 +340,47 @@ class VideoPipeline(VGenPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "np",
         return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
         **sampling,
     ):
-        """Generate ``num_videos_per_prompt`` videos of ``num_frames`` frames (default: the training length) per
-        prompt. ``sampling``: any of the options (``guidance_scale``, ``sampler``, ``num_steps``, ``time_shift``,
-        ``cache``, ``sink_frames``, ``window_frames``, ``recent_frames``, ``segments_per_frame``,
-        ``dynamic_segments``); those left out take the model's saved values. ``generator``: one per video (a video
-        then does not depend on the batch, except with the shared Forcing-KV choice) or a single one."""
+        """Generate ``num_videos_per_prompt`` videos of ``num_frames`` frames per prompt.
+
+        Args:
+            prompt: text prompt(s) (Moving Shapes vocabulary for the shipped models).
+            num_frames: frames per video, a multiple of the block size (default: the training length).
+            num_videos_per_prompt: videos per prompt; videos are ordered prompt by prompt.
+            generator: one ``torch.Generator`` per video (a video then does not depend on the batch, except with the
+                shared Forcing-KV choice) or a single one (seeded ``s``: video i gets the stream of seed ``s + i``).
+            output_type: ``"np"`` (B, F, H, W, 3) float32 in [0, 1], ``"pil"`` (a list of F images per video),
+                ``"pt"`` (B, F, 3, H, W) or ``"latent"``: the latent frames (B, F, C, h, w) before decoding (see
+                :attr:`latent_description`; ``decode_latents``).
+            return_dict: return :class:`VideoPipelineOutput` (else a tuple ``(frames, prompts)``).
+            callback_on_step_end: diffusers' ``callback(pipe, step_index, timestep, callback_kwargs) -> dict``, called
+                after every block of ``f`` frames is denoised (``step_index`` = ``timestep`` = the block index; frames
+                ``f * step_index ...``), before it is written to the KV cache. ``callback_kwargs`` holds the tensors of
+                ``callback_on_step_end_tensor_inputs`` (default ``["x_clean"]``; any of ``x_clean`` (B, f, C, h, w)
+                float32, the block's clean latents, and ``noise`` (same shape), the block's starting noise at t = 1).
+                Returning a new ``x_clean`` replaces the block: it is the block's frames in the video and what the
+                KV cache stores, so the later blocks condition on it; ``noise`` is read-only. Setting
+                ``pipe._interrupt = True`` stops after the block: the video holds the frames of the blocks made so
+                far (``f * (step_index + 1)`` frames in every output type).
+            **sampling: any of the options (``guidance_scale``, ``sampler``, ``num_steps``, ``time_shift``,
+                ``cache``, ``sink_frames``, ``window_frames``, ``recent_frames``, ``segments_per_frame``,
+                ``dynamic_segments``); those left out take the model's saved values.
+        """
         if output_type not in VIDEO_OUTPUT_TYPES:
             raise UserError(f"output_type must be one of {', '.join(VIDEO_OUTPUT_TYPES)}, got {output_type!r}")
         num_frames = self.check_num_frames(num_frames)
+        num_blocks = num_frames // self.frames_per_block
         sampler, prompts = self._sampler(prompt, num_videos_per_prompt, generator, num_frames, sampling)
-        latents = torch.cat([block.latents for block in sampler.blocks(num_frames // self.frames_per_block)], 1)
-        if output_type == "latent":
-            frames = latents.cpu()
-        else:
-            video = self.decode_frames(latents)  # (B, F, 3, H, W)
-            if output_type == "pt":
-                frames = video.cpu()
-            else:
-                frames = video.permute(0, 1, 3, 4, 2).cpu().numpy().astype(np.float32)
-                if output_type == "pil":
-                    frames = [self.numpy_to_pil(clip) for clip in frames]
-        if not return_dict:
-            return (frames, prompts)
-        return VideoPipelineOutput(frames=frames, prompts=prompts)
+        on_step_end = self.step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, num_blocks)
+        blocks = []
+        with self.progress_bar(total=num_blocks) as bar:
+            for block in sampler.blocks(num_blocks, on_step_end=on_step_end):
+                blocks.append(block.latents)
+                bar.update()
+        return self.frames_output(torch.cat(blocks, 1), output_type, return_dict, prompts)
 
 
 #: where the packaged default video pipeline lives once one ships (``vgen generate-video`` without ``--model``)

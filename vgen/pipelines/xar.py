@@ -12,6 +12,12 @@ finished unit is written to the KV cache by a clean (t = 0) pass before the next
 xAR's ramp over the units (weight 1 at the first, ``guidance_scale`` at the last), at every step. With the official
 settings this is official xAR's ``sample_tokens`` + ``vae.decode``, except that noise comes from one generator per
 image.
+
+diffusers conventions (from :class:`vgen.pipelines.base.VGenPipeline`): one step per unit (cell) for
+``callback_on_step_end`` (tensors ``x_clean``, the cell's clean tokens, replaceable, and ``velocity``, read-only;
+see :meth:`XARPipeline.__call__`), ``pipe._interrupt = True`` (the cells not made are NaN in the latent and black in
+the images), ``output_type="latent"`` (the scaled latents (B, C, h, w) the autoencoder decodes; ``decode_latents``
+turns them into the images), ``unconditional=True`` and ``set_progress_bar_config`` (a bar over the cells).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 # a module that is already imported, so `XARPipeline.from_pretrained(dir)` must work in a fresh process.
 import vgen.models.text_encoder  # noqa: F401
 import vgen.tokenizers.kl_autoencoder  # noqa: F401
+from vgen.errors import UserError
 from vgen.models.xar import XAR
 from vgen.pipelines.base import VGenPipeline, options_of
 from vgen.pipelines.flowar import check_continuous_autoencoder
@@ -39,6 +46,14 @@ class XARPipeline(VGenPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _optional_components = ["text_encoder"]
     sampling_options = options_of("XARPipeline")
+    _callback_tensor_inputs = ["x_clean", "velocity"]
+    _callback_writable_tensor_inputs = ("x_clean",)
+    _default_callback_tensor_inputs = ("x_clean",)
+    latent_description = (
+        "the latents (B, C, h, w) float32 the autoencoder decodes, already multiplied by its scale_factor (an "
+        "interrupted call leaves NaN at the latent pixels of the cells it did not make); pipe.decode_latents(latents) "
+        "decodes them (the cells not made are decoded as zeros and their pixels set to black)."
+    )
 
     def __init__(self, vae, transformer: XAR, text_encoder=None, default_guidance_scale: float = 2.7,
                  default_num_steps: int = 40):
@@ -53,6 +68,33 @@ class XARPipeline(VGenPipeline):
         """Side of the images this pipeline makes: the latent side times the autoencoder's downsampling."""
         return self.transformer.latent_side * self.vae.downsample
 
+    def latents_to_images(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, h, w) of ``output_type="latent"`` -> images (B, 3, H, W) in [0, 1]. The latent pixels an
+        interrupted call did not make (NaN) are decoded as zeros (the latent prior's mean) and their pixels set to
+        black (the pixels next to them see those zeros through the decoder, so a partial image differs slightly from
+        the finished one there)."""
+        if not latents.is_floating_point():
+            raise UserError(f"latents must be the float latents (B, C, h, w) of output_type='latent', got "
+                            f"{latents.dtype}")
+        self.transformer.check_latents(latents)
+        latents = latents.to(self.vae.device, torch.float32)
+        made_B1hw = ~latents.isnan().any(dim=1, keepdim=True)
+        complete = bool(made_B1hw.all())
+        if not complete:
+            latents = latents.where(made_B1hw, 0.0)
+        images = self.vae.decode_latents(latents.to(self.vae.dtype)).float().add(1).mul(0.5)
+        if complete:
+            return images
+        f = images.shape[-1] // latents.shape[-1]
+        return images * made_B1hw.repeat_interleave(f, 2).repeat_interleave(f, 3)
+
+    def partial_units(self, units: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+        """The units an interrupted call made, followed by NaN units (B, n_u, Ct) for those it did not make."""
+        missing = self.transformer.unit_shapes[len(units):]
+        like = units[-1]
+        return units + [torch.full((batch_size, *shape), float("nan"), dtype=like.dtype, device=like.device)
+                        for shape in missing]
+
     @torch.no_grad()
     def __call__(
         self,
@@ -65,6 +107,9 @@ class XARPipeline(VGenPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         return_latents: bool = False,
+        unconditional: bool = False,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ):
         """Generate images.
 
@@ -77,15 +122,34 @@ class XARPipeline(VGenPipeline):
             num_steps: points of ``linspace(1, 0.04, num_steps)``: ``num_steps - 1`` SDE steps and a final
                 deterministic one per unit (official 40 for xAR-B, 50 for L and H).
                 Every knob left at None takes the model's saved setting (:meth:`sampling_defaults`).
-            generator: one ``torch.Generator`` per image (images independent of batch size) or a single one.
-            output_type: ``"pil"``, ``"np"`` (B, H, W, 3) floats in [0, 1] or ``"pt"`` (B, 3, H, W) in [0, 1].
+            generator: one ``torch.Generator`` per image (images independent of batch size) or a single one (see
+                :mod:`vgen.pipelines.base`: seeded ``s``, image i gets the stream of seed ``s + i``).
+            output_type: ``"pil"``, ``"np"`` (B, H, W, 3) floats in [0, 1], ``"pt"`` (B, 3, H, W) in [0, 1] or
+                ``"latent"``: the scaled latents (B, C, h, w) before decoding (see :attr:`latent_description`;
+                ``decode_latents``).
             return_dict: return :class:`ImagePipelineOutput` (else a tuple ``(images,)``).
-            return_latents: return the generated latents (B, C, h, w) instead of images.
+            return_latents: return the generated latents (B, C, h, w) instead of images (a bare tensor; the same as
+                ``output_type="latent"`` without the output wrapper).
+            unconditional: ``num_images_per_prompt`` images of the null prompt / null class (no prompt, no labels).
+            callback_on_step_end: diffusers' ``callback(pipe, step_index, timestep, callback_kwargs) -> dict``, called
+                after every unit (``step_index`` = ``timestep`` = the unit's index in generation order; official xAR:
+                a cell). A step is a unit, not one SDE step inside it: a unit is what xAR generates autoregressively
+                (the next units condition on its clean tokens, so replacing them steers the image) and its SDE steps
+                are the inner solver of that one prediction. ``callback_kwargs`` holds the tensors of
+                ``callback_on_step_end_tensor_inputs`` (default ``["x_clean"]``; any of ``x_clean`` (B, n_u, C p^2)
+                float32, the unit's clean tokens in the entity's order (``pipe.transformer.layout``; a cell's tokens
+                in raster order inside the cell), and ``velocity`` (same shape), the guided velocity of the unit's
+                last step). Returning a new ``x_clean`` replaces the unit (it is what the later units condition on and
+                what is decoded); ``velocity`` is read-only. Setting ``pipe._interrupt = True`` stops after the
+                unit: the latent holds the units made so far and NaN at the latent pixels of the others, whose
+                pixels are black in the images (see :meth:`latents_to_images`).
         """
         self.check_output_type(output_type)
         sampling = self.resolve_sampling(guidance_scale=guidance_scale, num_steps=num_steps)
-        cond, _captions = self.encode_condition(prompt, class_labels, num_images_per_prompt)
+        cond, _captions = self.encode_condition(prompt, class_labels, num_images_per_prompt, unconditional)
         batch_size = cond.batch_size
+        on_step_end = self.step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                         len(self.transformer.unit_shapes))
         out = generate_flow_units(
             self.transformer,
             cond,
@@ -96,9 +160,7 @@ class XARPipeline(VGenPipeline):
             guidance_schedule=WeightRampCFG(),
             generators=self.generators_for(generator, batch_size),
             progress=self.progress_bar,
+            on_step_end=on_step_end,
         )
-        latents = self.transformer.units_to_latents(out.units)
-        if return_latents:
-            return latents
-        images = self.vae.decode_latents(latents.to(self.vae.dtype)).float().add(1).mul(0.5)
-        return self.images_output(images, output_type, return_dict)
+        latents = self.transformer.units_to_latents(self.partial_units(out.units, batch_size))
+        return self.call_output(latents, output_type, return_dict, return_latents=return_latents)
