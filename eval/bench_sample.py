@@ -47,6 +47,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="image i of a batch uses seed + i")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--output", default=None, help="also write the JSON to this file")
+    official = parser.add_argument_group(
+        "comparison with official code",
+        "time vgen against the official VAR code on the same model in one process, calls alternated (the "
+        "checkout is the user's; vgen never ships it); checks first that greedy sampling gives the same tokens")
+    official.add_argument("--official", default=None, metavar="PATH",
+                          help="a checkout of the official VAR repository (FoundationVision/VAR)")
+    official.add_argument("--random-var", default=None, metavar="SIZE",
+                          help="with --official: random weights of this VAR size (var-d16 ... var-d30) instead of "
+                               "--model DIR")
+    official.add_argument("--cfg", type=float, default=1.5, help="with --official: VAR's cfg (default 1.5)")
+    official.add_argument("--top-k", type=int, default=900, help="with --official: top-k (default 900)")
+    official.add_argument("--top-p", type=float, default=0.96, help="with --official: top-p (default 0.96)")
+    official.add_argument("--autocast", choices=("none", "fp16", "bf16"), default="none",
+                          help="with --official: run both sides under torch.autocast in this dtype (fp16: the "
+                               "official demo's GPU setting; default none = fp32)")
 
 
 def _batch_sizes(text: str) -> list[int]:
@@ -210,6 +225,12 @@ def run(args) -> int:
     from vgen.errors import UserError
     from vgen.pipelines import load_pipeline
 
+    if args.official:
+        from vgen.eval.bench_official import run as run_official
+
+        return run_official(args)
+    if args.random_var:
+        raise UserError("--random-var is for the comparison with official code: add --official PATH")
     sizes = _batch_sizes(args.batch_sizes)
     if args.repeats < 1 or args.warmup < 0:
         raise UserError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats}, {args.warmup}")
