@@ -27,10 +27,21 @@ from vgen.samplers.flow_grids import xar_time_grid
 from vgen.samplers.flow_transitions import EulerMaruyamaSDE
 
 
+def _as_saved(value: Any) -> Any:
+    """A configuration value as a saved ``config.json`` gives it back (tuples become lists)."""
+    if isinstance(value, (list, tuple)):
+        return [_as_saved(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_saved(v) for k, v in value.items()}
+    return value
+
+
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    """Whether two modules hold the same configuration (when they have one), parameters and buffers."""
+    """Whether two modules hold the same configuration (when they have one), parameters and buffers. A module built
+    in code and one loaded from a folder compare equal when they are (``(1, 1)`` in one config, ``[1, 1]`` in the
+    other)."""
     def settings(module):  # the configuration without diffusers' bookkeeping (_name_or_path, ...)
-        return {k: v for k, v in dict(getattr(module, "config", {})).items() if not k.startswith("_")}
+        return {k: _as_saved(v) for k, v in dict(getattr(module, "config", {})).items() if not k.startswith("_")}
 
     if settings(a) != settings(b):
         return False
