@@ -11,8 +11,8 @@ Class-conditional models (e.g. FlowAR, xAR) are called on the class labels in tu
 
 ``--speculative cspd`` (FlowAR and xAR pipelines, :mod:`vgen.samplers.cspd`): the target-only reference samples with
 the same Euler-Maruyama SDE (FlowAR: ``flow_sampler=sde``; xAR samples with it anyway); forwards count every model
-call (prefill, velocity calls, commits; CFG rows share a call); ``fallbacks_per_image`` counts units that kept the target's own proposal after
-``rejection_rounds`` failed ones.
+call (prefill, velocity calls, commits; CFG rows share a call); ``fallbacks_per_image`` counts units that kept the
+target's own proposal after ``rejection_rounds`` failed ones.
 
 Quality (``--quality``): for target-only and every setting, Shapes-GenEval (``--geneval-images-per-prompt`` images
 for each of the 553 prompts) and Shapes-FID (``--fid-samples`` images against ``--fid-ref``, a reference from

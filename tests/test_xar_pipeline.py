@@ -114,7 +114,8 @@ def test_bench_sample_counts_unit_passes(tmp_path, capsys):
     assert main(["bench", "sample", "--model", str(tmp_path / "p"), "--batch-sizes", "1", "--repeats", "1",
                  "--warmup", "0", "--device", "cpu"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["pipeline"] == "XARPipeline" and report["sampling"] == {"guidance_scale": 2.7, "num_steps": 3, **CSPD_DEFAULTS}
+    assert report["pipeline"] == "XARPipeline"
+    assert report["sampling"] == {"guidance_scale": 2.7, "num_steps": 3, **CSPD_DEFAULTS}
     row = report["results"][0]
     assert row["calls_per_batch"] == {"prefill": 1, "velocity": 12, "commit": 3}
     assert row["forwards_per_image"] == {"velocity": 24.0, "commit": 6.0, "total": 30.0}

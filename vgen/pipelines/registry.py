@@ -135,7 +135,8 @@ SPECULATIVE_OPTIONS = (
                    "speculative decoding: none; sjd (lossless, the target alone); exact (lossless, needs --drafter); "
                    "lantern (relaxed acceptance, --pool-k / --delta; with --drafter or self-speculative); mulo-sd "
                    "(lossy, a lower-resolution --drafter, --tau); cspd (continuous tokens: FlowAR, xAR; approximate "
-                   "in general, needs --drafter, --gamma, --prefill-fraction, --rejection-rounds; samples with the SDE)",
+                   "in general, needs --drafter, --gamma, --prefill-fraction, --rejection-rounds; samples with the "
+                   "SDE)",
                    metavar="|".join(SPECULATIVE_METHODS)),
     SamplingOption("drafter", folder_or_empty, "",
                    "drafter pipeline folder (same tokenizer / autoencoder) for --speculative exact, lantern, mulo-sd "
