@@ -23,7 +23,7 @@ turns them into the images), ``unconditional=True`` and ``set_progress_bar_confi
 patch, on the same autoencoder) runs continuous speculative decoding (:func:`vgen.samplers.cspd.generate_cspd`) on
 the same SDE and CFG ramp, with ``gamma``, ``prefill_fraction`` and ``rejection_rounds``; its reference is this
 pipeline's own (target-only) sampling, and its counts are in ``pipe.speculative_stats``
-(:class:`~vgen.samplers.cspd.CSpDStats`). The call and the drafter checks are FlowAR's
+(:class:`~vgen.samplers.cspd.CSpDStats`). The call and the drafter checks are shared with FlowAR
 (:mod:`vgen.pipelines.flow_speculative`).
 """
 
