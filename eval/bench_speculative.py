@@ -7,12 +7,12 @@ per round) and seeds, so load from other processes hits every variant alike. Rep
 per image (median over rounds), ``speedup`` = the median over rounds of (target-only seconds / the setting's seconds
 in that round), target and drafter forwards per image, acceptance rate (drafted units kept) and mean accepted length
 (units per target forward), from the sampler's own counts. The load average at start and end is recorded.
-Class-conditional models (e.g. FlowAR) are called on the class labels in turn instead of prompts.
+Class-conditional models (e.g. FlowAR, xAR) are called on the class labels in turn instead of prompts.
 
-``--speculative cspd`` (FlowAR pipelines, :mod:`vgen.samplers.cspd`): the target-only reference samples with the
-same Euler-Maruyama SDE (``flow_sampler=sde``); forwards count every model call (prefill, velocity calls, commits;
-CFG rows share a call); ``fallbacks_per_image`` counts units that kept the target's own proposal after
-``rejection_rounds`` failed ones.
+``--speculative cspd`` (FlowAR and xAR pipelines, :mod:`vgen.samplers.cspd`): the target-only reference samples with
+the same Euler-Maruyama SDE (FlowAR: ``flow_sampler=sde``; xAR samples with it anyway); forwards count every model
+call (prefill, velocity calls, commits; CFG rows share a call); ``fallbacks_per_image`` counts units that kept the
+target's own proposal after ``rejection_rounds`` failed ones.
 
 Quality (``--quality``): for target-only and every setting, Shapes-GenEval (``--geneval-images-per-prompt`` images
 for each of the 553 prompts) and Shapes-FID (``--fid-samples`` images against ``--fid-ref``, a reference from
@@ -38,7 +38,7 @@ SWEPT = {"mulo-sd": "tau", "lantern": "delta"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="target pipeline folder (next-token; FlowAR for cspd)")
+    parser.add_argument("--model", default=None, help="target pipeline folder (next-token; FlowAR or xAR for cspd)")
     parser.add_argument("--speculative", default=None, choices=("sjd", "exact", "lantern", "mulo-sd", "cspd"),
                         help="the method compared against target-only sampling (cspd: against target-only sampling "
                              "with the same SDE, flow_sampler=sde)")
@@ -96,8 +96,12 @@ def settings_list(args: argparse.Namespace, pipe) -> list[tuple[str, dict]]:
     if args.sweep and knob is None:
         raise UserError(f"--speculative {args.speculative} has no default knob to sweep; name one with --sweep-knob")
     values = args.sweep or [None]
-    # CSpD samples with the Euler-Maruyama SDE: its reference is target-only sampling with the same SDE
-    out = [("target-only", {"speculative": "none", **({"flow_sampler": "sde"} if args.speculative == "cspd" else {})})]
+    # CSpD samples with the Euler-Maruyama SDE: its reference is target-only sampling with the same SDE (a family
+    # with a choice of flow sampler, FlowAR, is told so; xAR always samples with it)
+    reference = {"speculative": "none"}
+    if args.speculative == "cspd" and "flow_sampler" in {option.name for option in pipe.sampling_options}:
+        reference["flow_sampler"] = "sde"
+    out = [("target-only", reference)]
     for value in values:
         options = dict(base) if value is None else {**base, knob: value}
         checked = {name: pipe.option(name).check(v) for name, v in options.items()}
@@ -172,7 +176,7 @@ def measure_speed(pipe, variants, prompts, batch_size: int, repeats: int, device
 
 
 def _units_of(pipe) -> list:
-    """The generated units of one image: next-token units, or a flow model's units (FlowAR scales)."""
+    """The generated units of one image: next-token units, or a flow model's units (FlowAR scales, xAR cells)."""
     transformer = pipe.transformer
     if hasattr(transformer, "sequence_length"):
         return list(range(int(transformer.sequence_length)))

@@ -1,6 +1,6 @@
-"""``vgen bench speculative --speculative cspd`` on tiny random class-conditional FlowAR pipelines: target-only
-(the same SDE) first, acceptance, forwards and speedups (ratios in one process) at B=1 and B=16, a gamma sweep;
-one-line refusals for a method the family lacks."""
+"""``vgen bench speculative --speculative cspd`` on tiny random class-conditional FlowAR and xAR pipelines:
+target-only (the same SDE) first, acceptance, forwards and speedups (ratios in one process) at B=1 and B=16 (xAR:
+B=1 and 4), a gamma sweep; one-line refusals for a method the family lacks."""
 
 import json
 
@@ -9,6 +9,7 @@ import torch
 from vgen.cli import main
 
 from test_flowar_cspd import folders  # noqa: F401  (the module fixture: target, small, same, ... folders)
+from test_xar_cspd import xar_folders  # noqa: F401  (the xAR module fixture: target, small, ... folders)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,3 +51,30 @@ def test_cspd_bench_refusals(folders, capsys):  # noqa: F811
     assert main(["bench", "speculative", "--model", str(folders / "target"), "--speculative", "cspd", "--drafter",
                  str(folders / "small"), "--quality", "--fid-ref", "x.npz"]) == 2
     assert "give a text-conditional model" in capsys.readouterr().err
+
+
+def test_cspd_bench_on_xar_folders(xar_folders, capsys):  # noqa: F811
+    """xAR samples with the SDE anyway: its target-only reference is the plain call (no flow_sampler option)."""
+    assert main(["bench", "speculative", "--model", str(xar_folders / "target"), "--speculative", "cspd", "--drafter",
+                 str(xar_folders / "small"), "--set", "gamma=2", "prefill_fraction=0.25", "--batch-sizes", "1", "4",
+                 "--repeats", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["sampling"]["num_steps"] == 3 and "flow_sampler" not in report["sampling"]
+    speed = report["speed"]
+    assert [(r["setting"], r["batch_size"]) for r in speed] == [("target-only", 1), ("cspd", 1), ("target-only", 4),
+                                                                 ("cspd", 4)]
+    steps, cells = 3, 4
+    for row in speed:  # the target's calls: prefill, 4 cells x 3 steps, a commit per cell but the last
+        assert row["target_forwards_per_image"] == 1 + cells * steps + cells - 1 and row["speedup"] > 0
+    for row in speed[1::2]:
+        assert 0.0 <= row["acceptance_rate"] <= 1.0
+        # the draft: prefill, the pre-filled cell's commit, 3 drafted cells, a commit inside each full window of 2,
+        # the re-commits of the committed cells but the last
+        assert row["drafter_forwards_per_image"] == 1 + 1 + 3 * steps + 1 + 2
+    # the target as its own drafter: every cell accepted
+    assert main(["bench", "speculative", "--model", str(xar_folders / "target"), "--speculative", "cspd", "--drafter",
+                 str(xar_folders / "target"), "--batch-sizes", "2", "--repeats", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["speed"][1]["acceptance_rate"] == 1.0
+    assert main(["bench", "speculative", "--model", str(xar_folders / "target"), "--speculative", "exact",
+                 "--batch-sizes", "1", "--repeats", "1"]) == 2
+    assert "xAR takes none, cspd" in capsys.readouterr().err

@@ -24,6 +24,11 @@ from vgen.models.xar import XAR
 from vgen.pipelines import load_pipeline
 from vgen.pipelines.xar import XARPipeline
 
+from test_flowar_pipeline import FLOW_SAMPLER_DEFAULTS
+
+#: the CSpD settings a pipeline saves unless told otherwise (FlowAR's, without its choice of flow sampler)
+CSPD_DEFAULTS = {k: v for k, v in FLOW_SAMPLER_DEFAULTS.items() if k != "flow_sampler"}
+
 
 def tiny_xar(**overrides) -> XAR:
     torch.manual_seed(0)
@@ -79,7 +84,7 @@ def test_convert_writes_a_pipeline_with_official_weights_and_settings(converted)
         assert torch.equal(value, ref[key]), key
     assert torch.equal(pipe.transformer.rope_cos, ref["encoder_blocks.0.attn.rope.freqs_cos"])
     assert pipe.vae.scale_factor == 0.2325  # MAR's kl16 factor for official files
-    assert pipe.sampling_defaults() == {"guidance_scale": 2.7, "num_steps": 40}
+    assert pipe.sampling_defaults() == {"guidance_scale": 2.7, "num_steps": 40, **CSPD_DEFAULTS}
     assert pipe.resolution == 8
 
 
@@ -109,7 +114,8 @@ def test_bench_sample_counts_unit_passes(tmp_path, capsys):
     assert main(["bench", "sample", "--model", str(tmp_path / "p"), "--batch-sizes", "1", "--repeats", "1",
                  "--warmup", "0", "--device", "cpu"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["pipeline"] == "XARPipeline" and report["sampling"] == {"guidance_scale": 2.7, "num_steps": 3}
+    assert report["pipeline"] == "XARPipeline"
+    assert report["sampling"] == {"guidance_scale": 2.7, "num_steps": 3, **CSPD_DEFAULTS}
     row = report["results"][0]
     assert row["calls_per_batch"] == {"prefill": 1, "velocity": 12, "commit": 3}
     assert row["forwards_per_image"] == {"velocity": 24.0, "commit": 6.0, "total": 30.0}
@@ -148,7 +154,7 @@ def test_pipeline_is_the_shared_loop_and_images_are_batch_independent(tmp_path):
     loaded, _ = load_pipeline(tmp_path / "p", "cpu")
     loaded.set_progress_bar_config(disable=True)
     assert isinstance(loaded, XARPipeline)
-    assert loaded.sampling_defaults() == {"guidance_scale": 3.0, "num_steps": 4}
+    assert loaded.sampling_defaults() == {"guidance_scale": 3.0, "num_steps": 4, **CSPD_DEFAULTS}
     again = loaded(class_labels=[3], generator=[torch.Generator().manual_seed(2)], return_latents=True)
     assert (again - alone).abs().max().item() < 1e-5
     other = loaded(class_labels=[3], num_steps=3, generator=[torch.Generator().manual_seed(2)], return_latents=True)

@@ -24,7 +24,8 @@ EulerMaruyamaSDE` on :func:`~vgen.samplers.flow_grids.xar_time_grid`: ``num_step
 on the same autoencoder and scales) runs continuous speculative decoding (:func:`vgen.samplers.cspd.generate_cspd`)
 on that SDE, with ``gamma``, ``prefill_fraction`` and ``rejection_rounds``; its reference is ``flow_sampler="sde"``
 target-only sampling, and its counts are in ``pipe.speculative_stats``
-(:class:`~vgen.samplers.cspd.CSpDStats`).
+(:class:`~vgen.samplers.cspd.CSpDStats`); the CSpD call and the drafter checks are shared with xAR
+(:mod:`vgen.pipelines.flow_speculative`).
 """
 
 from __future__ import annotations
@@ -39,11 +40,9 @@ import vgen.tokenizers.kl_autoencoder  # noqa: F401
 from vgen.errors import UserError
 from vgen.models.flowar import FlowAR
 from vgen.pipelines.base import VGenPipeline, options_of
-from vgen.pipelines.registry import FLOW_SPECULATIVE_METHODS
-from vgen.pipelines.speculative import DrafterFoldersMixin
-from vgen.samplers.cspd import CSpDSettings, generate_cspd
-from vgen.samplers.flow_grids import flowar_time_grid, xar_time_grid
-from vgen.samplers.flow_transitions import EulerMaruyamaSDE, EulerODE
+from vgen.pipelines.flow_speculative import FlowSpeculativeMixin
+from vgen.samplers.flow_grids import flowar_time_grid
+from vgen.samplers.flow_transitions import EulerODE
 from vgen.samplers.flow_units import generate_flow_units
 from vgen.samplers.guidance import WeightRampCFG
 
@@ -59,20 +58,7 @@ def check_continuous_autoencoder(vae, transformer, family: str = "FlowAR") -> No
                         f"expects {transformer.config.latent_channels}; pass the autoencoder it was trained on")
 
 
-def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    """Whether two modules hold the same configuration (when they have one), parameters and buffers."""
-    def settings(module):  # the configuration without diffusers' bookkeeping (_name_or_path, ...)
-        return {k: v for k, v in dict(getattr(module, "config", {})).items() if not k.startswith("_")}
-
-    if settings(a) != settings(b):
-        return False
-    sa, sb = a.state_dict(), b.state_dict()
-    if sa.keys() != sb.keys():
-        return False
-    return all(sa[k].shape == sb[k].shape and torch.equal(sa[k].detach().cpu(), sb[k].detach().cpu()) for k in sa)
-
-
-class FlowARPipeline(DrafterFoldersMixin, VGenPipeline):
+class FlowARPipeline(FlowSpeculativeMixin, VGenPipeline):
     """Components: ``vae`` (:class:`vgen.tokenizers.kl_autoencoder.AutoencoderKL`, latents scaled by its
     ``scale_factor``), ``transformer`` (:class:`vgen.models.flowar.FlowAR`) and, for text models, ``text_encoder``
     (e.g. :class:`vgen.models.text_encoder.ShapesTextEncoder`)."""
@@ -80,6 +66,11 @@ class FlowARPipeline(DrafterFoldersMixin, VGenPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _optional_components = ["text_encoder"]
     sampling_options = options_of("FlowARPipeline")
+    # what CSpD's messages and drafter checks call this family (vgen.pipelines.flow_speculative)
+    flow_family = "FlowAR"
+    flow_family_article = "a"
+    unit_name = "scales"
+    transformer_class = FlowAR
     _callback_tensor_inputs = ["x_clean", "velocity"]
     _callback_writable_tensor_inputs = ("x_clean",)
     _default_callback_tensor_inputs = ("x_clean",)
@@ -104,47 +95,24 @@ class FlowARPipeline(DrafterFoldersMixin, VGenPipeline):
                                         prefill_fraction=default_prefill_fraction,
                                         rejection_rounds=default_rejection_rounds)
 
-    def check_option(self, option, value):
-        """The shared ``speculative`` flag also names the next-token methods: FlowAR takes none and cspd."""
-        value = super().check_option(option, value)
-        if option.name == "speculative" and value not in FLOW_SPECULATIVE_METHODS:
-            raise UserError(f"speculative {value} is for next-token models; FlowAR takes "
-                            f"{', '.join(FLOW_SPECULATIVE_METHODS)}")
-        return value
-
-    def check_drafter(self, drafter, path, method: str) -> None:
-        """One :class:`UserError` line unless ``drafter`` is a FlowAR pipeline with this model's scales, token
-        channels and conditioning on the same autoencoder (its units are decoded by this pipeline's)."""
-        mine, theirs = self.transformer, getattr(drafter, "transformer", None)
-        if not isinstance(theirs, FlowAR) or getattr(drafter, "vae", None) is None:
-            raise UserError(f"the drafter {path} is not a FlowAR pipeline; --speculative cspd drafts with a smaller "
-                            "FlowAR on the same autoencoder")
+    def units_mismatch(self, theirs: FlowAR, path) -> str | None:
+        """Why the drafter FlowAR ``theirs`` does not generate this model's scales and token channels (or None)."""
+        mine = self.transformer
         if list(theirs.unit_shapes) != list(mine.unit_shapes) or theirs.config.patch_size != mine.config.patch_size:
-            raise UserError(f"the drafter {path} generates scales {list(theirs.config.scales)} of "
-                            f"{theirs.token_channels} channels, this model {list(mine.config.scales)} of "
-                            f"{mine.token_channels}; a drafter must share the scales and the autoencoder")
-        if bool(mine.is_text_conditional) != bool(theirs.is_text_conditional):
-            raise UserError(f"the drafter {path} and this model are conditioned differently (text vs class labels)")
-        checked = self.__dict__.setdefault("_same_vae", {})
-        if id(drafter) not in checked:
-            checked[id(drafter)] = same_weights(self.vae, drafter.vae)
-        if not checked[id(drafter)]:
-            raise UserError(f"the drafter {path} uses another autoencoder than this model (a drafter must be trained "
-                            "on the same autoencoder's latents)")
+            return (f"the drafter {path} generates scales {list(theirs.config.scales)} of {theirs.token_channels} "
+                    f"channels, this model {list(mine.config.scales)} of {mine.token_channels}; a drafter must share "
+                    "the scales and the autoencoder")
+        return None
 
     def flow_sampling(self, flow_sampler: str, num_steps: int):
         """``(time grid, integrator)`` of ``flow_sampler``: FlowAR's Euler ODE or the Euler-Maruyama SDE."""
         if flow_sampler == "sde":
-            return xar_time_grid(num_steps), EulerMaruyamaSDE()
+            return self.sde_sampling(num_steps)
         return flowar_time_grid(num_steps), EulerODE()
 
-    def target_only_forwards(self, **options) -> int:
-        """Model calls per image of target-only sampling with ``options``: the prefill, one velocity call per step
-        of every scale (CFG rows go in the same call), one commit per scale but the last."""
-        settings = self.resolve_sampling(**options)
-        grid, _ = self.flow_sampling(settings["flow_sampler"], settings["num_steps"])
-        scales = len(self.transformer.unit_shapes)
-        return 1 + scales * (grid.numel() - 1) + scales - 1
+    def target_only_sampling(self, settings):
+        """``(time grid, integrator)`` of target-only sampling: the call's ``flow_sampler``."""
+        return self.flow_sampling(settings["flow_sampler"], settings["num_steps"])
 
     @property
     def resolution(self) -> int:
@@ -245,25 +213,12 @@ class FlowARPipeline(DrafterFoldersMixin, VGenPipeline):
                       generators=self.generators_for(generator, batch_size))
         self.speculative_stats = None
         if sampling["speculative"] == "cspd":
-            if not sampling["drafter"]:
-                raise UserError("--speculative cspd needs a drafter: pass --drafter DIR (a smaller FlowAR pipeline "
-                                "folder on the same autoencoder)")
-            if callback_on_step_end is not None:
-                raise UserError("callback_on_step_end is not supported with speculative='cspd' (its steps are drafted "
-                                "windows of scales); sample target-only to use a callback")
-            # a drafter equal to the saved one (the CLI passes every resolved setting) is relative to the folder
-            given = drafter is not None and drafter != self.sampling_defaults()["drafter"]
-            draft_pipe = self.drafter_pipeline(sampling["drafter"], given, "cspd")
-            draft_cond, _ = draft_pipe.encode_condition(prompt, class_labels, num_images_per_prompt, unconditional)
-            time_grid, integrator = self.flow_sampling("sde", sampling["num_steps"])
-            settings = CSpDSettings(gamma=sampling["gamma"], prefill_fraction=sampling["prefill_fraction"],
-                                    rejection_rounds=sampling["rejection_rounds"])
-            out = generate_cspd(self.transformer, draft_pipe.transformer, cond, draft_cond, batch_size, time_grid,
-                                integrator, settings, **common)
-            self.speculative_stats = out.stats
+            condition_inputs = dict(prompt=prompt, class_labels=class_labels,
+                                    num_images_per_prompt=num_images_per_prompt, unconditional=unconditional)
+            out = self.cspd_units(sampling, drafter, condition_inputs, cond, batch_size, callback_on_step_end,
+                                  **common)
         else:
-            if drafter:
-                raise UserError("--drafter is for --speculative cspd; leave it out for target-only sampling")
+            self.refuse_drafter(drafter)
             on_step_end = self.step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs,
                                              len(self.transformer.scales))
             time_grid, integrator = self.flow_sampling(sampling["flow_sampler"], sampling["num_steps"])

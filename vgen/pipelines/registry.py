@@ -95,7 +95,8 @@ VAR_OPTIONS = (
 
 #: speculative decoding methods of next-token pipelines (:mod:`vgen.pipelines.speculative`)
 NEXT_TOKEN_SPECULATIVE_METHODS = ("none", "sjd", "exact", "lantern", "mulo-sd")
-#: speculative decoding methods of continuous-token (flow) pipelines (:mod:`vgen.pipelines.flowar`)
+#: speculative decoding methods of continuous-token (flow) pipelines, FlowAR and xAR
+#: (:mod:`vgen.pipelines.flow_speculative`)
 FLOW_SPECULATIVE_METHODS = ("none", "cspd")
 #: every method (one ``--speculative`` flag for all families; each family refuses the methods it does not have)
 SPECULATIVE_METHODS = NEXT_TOKEN_SPECULATIVE_METHODS + FLOW_SPECULATIVE_METHODS[1:]
@@ -133,8 +134,9 @@ SPECULATIVE_OPTIONS = (
     SamplingOption("speculative", speculative_method, "none",
                    "speculative decoding: none; sjd (lossless, the target alone); exact (lossless, needs --drafter); "
                    "lantern (relaxed acceptance, --pool-k / --delta; with --drafter or self-speculative); mulo-sd "
-                   "(lossy, a lower-resolution --drafter, --tau); cspd (continuous tokens: FlowAR; approximate in "
-                   "general, needs --drafter, --gamma, --prefill-fraction, --rejection-rounds; samples with the SDE)",
+                   "(lossy, a lower-resolution --drafter, --tau); cspd (continuous tokens: FlowAR, xAR; approximate "
+                   "in general, needs --drafter, --gamma, --prefill-fraction, --rejection-rounds; samples with the "
+                   "SDE)",
                    metavar="|".join(SPECULATIVE_METHODS)),
     SamplingOption("drafter", folder_or_empty, "",
                    "drafter pipeline folder (same tokenizer / autoencoder) for --speculative exact, lantern, mulo-sd "
@@ -236,8 +238,8 @@ def _speculative_option(name: str) -> SamplingOption:
     return next(option for option in SPECULATIVE_OPTIONS if option.name == name)
 
 
-#: continuous speculative decoding (:mod:`vgen.samplers.cspd`) for flow families: the shared ``speculative``,
-#: ``drafter`` and ``gamma`` declarations plus CSpD's own knobs
+#: continuous speculative decoding (:mod:`vgen.samplers.cspd`) for flow families (FlowAR, xAR): the shared
+#: ``speculative``, ``drafter`` and ``gamma`` declarations plus CSpD's own knobs
 FLOW_SPECULATIVE_OPTIONS = (
     _speculative_option("speculative"),
     _speculative_option("drafter"),
@@ -264,13 +266,15 @@ FLOWAR_OPTIONS = (
 )
 
 
-#: the knobs of xAR's flow sampling (Euler-Maruyama per unit, CFG ramp over the units, always on)
+#: the knobs of xAR's flow sampling (Euler-Maruyama per unit, CFG ramp over the units, always on) and CSpD (which
+#: samples with the same SDE)
 XAR_OPTIONS = (
     SamplingOption("guidance_scale", finite_float, 2.7,
                    "classifier-free guidance weight at the last unit (xAR's ramp from 1 at the first; 1 = off)"),
     SamplingOption("num_steps", positive_int, 40,
                    "xAR: SDE steps per unit on linspace(1, 0.04, N) then one deterministic step to 0 (official 40 for "
                    "xAR-B, 50 for L and H)"),
+    *FLOW_SPECULATIVE_OPTIONS,
 )
 
 

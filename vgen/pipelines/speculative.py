@@ -122,8 +122,8 @@ class SpeculativeNextTokenMixin(DrafterFoldersMixin):
 
         value = super().check_option(option, value)
         if option.name == "speculative" and value not in NEXT_TOKEN_SPECULATIVE_METHODS:
-            raise UserError(f"speculative {value} is for continuous-token (FlowAR) models; this next-token model "
-                            f"takes {', '.join(NEXT_TOKEN_SPECULATIVE_METHODS)}")
+            raise UserError(f"speculative {value} is for continuous-token (FlowAR, xAR) models; this next-token "
+                            f"model takes {', '.join(NEXT_TOKEN_SPECULATIVE_METHODS)}")
         return value
 
     def check_drafter(self, drafter, path: Path, method: str) -> None:

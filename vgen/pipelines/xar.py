@@ -18,6 +18,13 @@ diffusers conventions (from :class:`vgen.pipelines.base.VGenPipeline`): one step
 see :meth:`XARPipeline.__call__`), ``pipe._interrupt = True`` (the cells not made are NaN in the latent and black in
 the images), ``output_type="latent"`` (the scaled latents (B, C, h, w) the autoencoder decodes; ``decode_latents``
 turns them into the images), ``unconditional=True`` and ``set_progress_bar_config`` (a bar over the cells).
+
+``speculative="cspd"`` with a ``drafter`` (a smaller xAR pipeline folder with the same units, i.e. entity, grid and
+patch, on the same autoencoder) runs continuous speculative decoding (:func:`vgen.samplers.cspd.generate_cspd`) on
+the same SDE and CFG ramp, with ``gamma``, ``prefill_fraction`` and ``rejection_rounds``; its reference is this
+pipeline's own (target-only) sampling, and its counts are in ``pipe.speculative_stats``
+(:class:`~vgen.samplers.cspd.CSpDStats`). The call and the drafter checks are shared with FlowAR
+(:mod:`vgen.pipelines.flow_speculative`).
 """
 
 from __future__ import annotations
@@ -31,14 +38,28 @@ import vgen.tokenizers.kl_autoencoder  # noqa: F401
 from vgen.errors import UserError
 from vgen.models.xar import XAR
 from vgen.pipelines.base import VGenPipeline, options_of
+from vgen.pipelines.flow_speculative import FlowSpeculativeMixin
 from vgen.pipelines.flowar import check_continuous_autoencoder
-from vgen.samplers.flow_grids import xar_time_grid
-from vgen.samplers.flow_transitions import EulerMaruyamaSDE
 from vgen.samplers.flow_units import generate_flow_units
 from vgen.samplers.guidance import WeightRampCFG
 
 
-class XARPipeline(VGenPipeline):
+def units_key(model: XAR) -> tuple:
+    """What fixes an xAR's AR units: entity kind and size, token grid, patch size and token channels."""
+    layout = model.layout
+    return (layout.kind, layout.size, layout.grid, model.config.patch_size, model.token_channels)
+
+
+def describe_units(model: XAR) -> str:
+    """An xAR's units in words, e.g. ``4 units (cell 2) of 4 tokens x 4 channels on a 4x4 grid, patch 1``."""
+    layout = model.layout
+    sizes = sorted(set(layout.unit_sizes))
+    tokens = "/".join(map(str, sizes)) + (" token" if sizes == [1] else " tokens")
+    return (f"{layout.num_units} units ({layout.kind} {layout.size}) of {tokens} x {model.token_channels} channels "
+            f"on a {layout.grid}x{layout.grid} grid, patch {model.config.patch_size}")
+
+
+class XARPipeline(FlowSpeculativeMixin, VGenPipeline):
     """Components: ``vae`` (:class:`vgen.tokenizers.kl_autoencoder.AutoencoderKL`, latents scaled by its
     ``scale_factor``), ``transformer`` (:class:`vgen.models.xar.XAR`) and, for text models, ``text_encoder``
     (e.g. :class:`vgen.models.text_encoder.ShapesTextEncoder`)."""
@@ -46,6 +67,11 @@ class XARPipeline(VGenPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _optional_components = ["text_encoder"]
     sampling_options = options_of("XARPipeline")
+    # what CSpD's messages and drafter checks call this family (vgen.pipelines.flow_speculative)
+    flow_family = "xAR"
+    flow_family_article = "an"
+    unit_name = "units"
+    transformer_class = XAR
     _callback_tensor_inputs = ["x_clean", "velocity"]
     _callback_writable_tensor_inputs = ("x_clean",)
     _default_callback_tensor_inputs = ("x_clean",)
@@ -56,12 +82,25 @@ class XARPipeline(VGenPipeline):
     )
 
     def __init__(self, vae, transformer: XAR, text_encoder=None, default_guidance_scale: float = 2.7,
-                 default_num_steps: int = 40):
+                 default_num_steps: int = 40, default_speculative: str = "none", default_drafter: str = "",
+                 default_gamma: int = 4, default_prefill_fraction: float = 0.05, default_rejection_rounds: int = 32):
         super().__init__()
         check_continuous_autoencoder(vae, transformer, family="xAR")
         self.register_modules(vae=vae, transformer=transformer, text_encoder=text_encoder)
         # The model's own sampling settings (saved in model_index.json): what a call uses for knobs left at None.
-        self.register_sampling_defaults(guidance_scale=default_guidance_scale, num_steps=default_num_steps)
+        self.register_sampling_defaults(guidance_scale=default_guidance_scale, num_steps=default_num_steps,
+                                        speculative=default_speculative, drafter=default_drafter,
+                                        gamma=default_gamma, prefill_fraction=default_prefill_fraction,
+                                        rejection_rounds=default_rejection_rounds)
+
+    def units_mismatch(self, theirs: XAR, path) -> str | None:
+        """Why the drafter xAR ``theirs`` does not generate this model's units (the same entity over the same
+        token grid, hence the same tokens per unit in the same order, and the same token channels), or None."""
+        mine = self.transformer
+        if units_key(theirs) != units_key(mine) or not torch.equal(theirs.layout.order_L, mine.layout.order_L):
+            return (f"the drafter {path} generates {describe_units(theirs)}, this model {describe_units(mine)}; a "
+                    "drafter must share the units (entity, grid, patch) and the autoencoder")
+        return None
 
     @property
     def resolution(self) -> int:
@@ -103,6 +142,11 @@ class XARPipeline(VGenPipeline):
         num_images_per_prompt: int = 1,
         guidance_scale: float | None = None,
         num_steps: int | None = None,
+        speculative: str | None = None,
+        drafter: str | None = None,
+        gamma: int | None = None,
+        prefill_fraction: float | None = None,
+        rejection_rounds: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -121,6 +165,13 @@ class XARPipeline(VGenPipeline):
                 between get the linear ramp; 1 = off).
             num_steps: points of ``linspace(1, 0.04, num_steps)``: ``num_steps - 1`` SDE steps and a final
                 deterministic one per unit (official 40 for xAR-B, 50 for L and H).
+            speculative: ``"none"`` or ``"cspd"`` (continuous speculative decoding on the same SDE; needs
+                ``drafter``).
+            drafter: a smaller xAR pipeline folder with the same units (entity, grid, patch) on the same autoencoder
+                (for cspd).
+            gamma, prefill_fraction, rejection_rounds: CSpD's units drafted per round, the fraction of units the
+                target generates first, and the proposals per rejected unit (:class:`vgen.samplers.cspd.
+                CSpDSettings`).
                 Every knob left at None takes the model's saved setting (:meth:`sampling_defaults`).
             generator: one ``torch.Generator`` per image (images independent of batch size) or a single one (see
                 :mod:`vgen.pipelines.base`: seeded ``s``, image i gets the stream of seed ``s + i``).
@@ -145,22 +196,26 @@ class XARPipeline(VGenPipeline):
                 pixels are black in the images (see :meth:`latents_to_images`).
         """
         self.check_output_type(output_type)
-        sampling = self.resolve_sampling(guidance_scale=guidance_scale, num_steps=num_steps)
+        sampling = self.resolve_sampling(guidance_scale=guidance_scale, num_steps=num_steps, speculative=speculative,
+                                         drafter=drafter, gamma=gamma, prefill_fraction=prefill_fraction,
+                                         rejection_rounds=rejection_rounds)
         cond, _captions = self.encode_condition(prompt, class_labels, num_images_per_prompt, unconditional)
         batch_size = cond.batch_size
-        on_step_end = self.step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs,
-                                         len(self.transformer.unit_shapes))
-        out = generate_flow_units(
-            self.transformer,
-            cond,
-            batch_size,
-            time_grid=xar_time_grid(sampling["num_steps"]),
-            integrator=EulerMaruyamaSDE(),
-            guidance_scale=sampling["guidance_scale"],
-            guidance_schedule=WeightRampCFG(),
-            generators=self.generators_for(generator, batch_size),
-            progress=self.progress_bar,
-            on_step_end=on_step_end,
-        )
+        # xAR's CFG: the ramp over the units, at every step (no flow-time interval); the same for CSpD
+        common = dict(guidance_scale=sampling["guidance_scale"], guidance_schedule=WeightRampCFG(),
+                      generators=self.generators_for(generator, batch_size))
+        self.speculative_stats = None
+        if sampling["speculative"] == "cspd":
+            condition_inputs = dict(prompt=prompt, class_labels=class_labels,
+                                    num_images_per_prompt=num_images_per_prompt, unconditional=unconditional)
+            out = self.cspd_units(sampling, drafter, condition_inputs, cond, batch_size, callback_on_step_end,
+                                  **common)
+        else:
+            self.refuse_drafter(drafter)
+            on_step_end = self.step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                             len(self.transformer.unit_shapes))
+            time_grid, integrator = self.sde_sampling(sampling["num_steps"])
+            out = generate_flow_units(self.transformer, cond, batch_size, time_grid=time_grid, integrator=integrator,
+                                      progress=self.progress_bar, on_step_end=on_step_end, **common)
         latents = self.transformer.units_to_latents(self.partial_units(out.units, batch_size))
         return self.call_output(latents, output_type, return_dict, return_latents=return_latents)
