@@ -16,8 +16,9 @@ TARGETS = {
     "sample": ("vgen.eval.bench_sample", "sampling speed of any saved pipeline: images/s per batch size, forwards "
                "per image, peak memory"),
     "speculative": ("vgen.eval.bench_speculative",
-                    "a speculative method (sjd, exact, lantern, mulo-sd, cspd; a sweep of its knob) against target-only "
-                    "sampling: speedups at B=1 and 16, forwards, acceptance, Shapes-GenEval / FID deltas, plot"),
+                    "a speculative method (sjd, exact, lantern, mulo-sd, cspd; a sweep of its knob) against "
+                    "target-only sampling: speedups at B=1 and 16, forwards, acceptance, Shapes-GenEval / FID deltas, "
+                    "plot"),
     "video": ("vgen.eval.bench_video", "video generation per KV cache: FPS, first-frame latency, cache bytes; "
               "--sdvg: SDVG routing over --tau against target-only and draft-only (acceptance, speedup, caption "
               "adherence, per-frame Shapes-FID, plot)"),
