@@ -13,10 +13,10 @@ load key for key), so both sides run the same model:
 Both sides sample with official VAR's settings (``--cfg`` on VAR's linear ramp, ``--top-k``, ``--top-p``,
 ``more_smooth=False``), in fp32 or both under ``torch.autocast`` (``--autocast fp16`` is the official demo's
 setting on GPUs; the greedy check always runs in fp32), and decode the images (the official
-``autoregressive_infer_cfg`` returns images; vgen's call runs with ``output_type="pt"``). Per batch size the official and vgen calls alternate (``--warmup`` untimed rounds,
-then ``--repeats`` timed ones), so load on a shared machine falls on both alike; the JSON reports the median
-seconds per batch of each, images/s, the peak memory of one call, and ``vgen_speedup`` = official seconds / vgen
-seconds, measured in this one run.
+``autoregressive_infer_cfg`` returns images; vgen's call runs with ``output_type="pt"``). Per batch size the
+official and vgen calls alternate (``--warmup`` untimed rounds, then ``--repeats`` timed ones), so load on a shared
+machine falls on both alike; the JSON reports the median seconds per batch of each, images/s, the peak memory of
+one call, and ``vgen_speedup`` = official seconds / vgen seconds, measured in this one run.
 
 Same tokens for the same logits: before timing, both samplers run greedily (``top_k=1``) at the smallest batch size
 and the token ids of every scale are compared (the official ids are read at its sampling function); the result is
