@@ -23,6 +23,7 @@ from vgen.pipelines.model_card import ModelCardInfo, Score, front_matter, read_c
 from vgen.pipelines.var import VARPipeline
 
 from test_var_train import _ship_script, tiny_cfg, tokenizer_dir  # noqa: F401 - tokenizer_dir is a fixture
+from step_callbacks import interrupt_after, seeds
 
 PATCH_NUMS = (1, 2, 4)
 LENGTH = sum(pn * pn for pn in PATCH_NUMS)
@@ -50,10 +51,6 @@ def text_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("conventions") / "t2i"
     tiny(text=True).save_pretrained(folder)
     return folder
-
-
-def seeds(*values):
-    return [torch.Generator().manual_seed(v) for v in values]
 
 
 # -- loaders ----------------------------------------------------------------------------------------------------
@@ -180,11 +177,7 @@ def test_callback_rules():
 def test_interrupt_stops_after_the_step_and_keeps_what_was_made():
     pipe = tiny()
 
-    def stop_after_two(p, step_index, timestep, kwargs):
-        if step_index == 1:
-            p._interrupt = True
-        return kwargs
-
+    stop_after_two = interrupt_after(1)
     latents = pipe(class_labels=[1], generator=seeds(3), callback_on_step_end=stop_after_two,
                    output_type="latent").images
     full = pipe(class_labels=[1], generator=seeds(3), output_type="latent").images

@@ -24,13 +24,10 @@ from test_flowar_pipeline import tiny_flowar, tiny_vae
 from test_nfig import PATCH_NUMS as BANDS
 from test_nfig import PROMPT, tiny_nfig_pipeline
 from test_raster_ar_pipeline import tiny_pipe
+from step_callbacks import interrupt_after, seeds
 
 GRID = 4  # the tiny raster model's 4x4 code grid (16 px images)
 SCALES = (1, 2, 4)  # the tiny FlowAR's scales (patch size 1, 4 latent channels: 8 px images)
-
-
-def seeds(*values):
-    return [torch.Generator().manual_seed(v) for v in values]
 
 
 def raster(window=1):
@@ -103,11 +100,7 @@ def test_replacing_units_is_teacher_forcing_them(window):
 def test_raster_interrupt_stops_after_the_step():
     pipe = raster(2)  # four 2x2 windows
 
-    def stop_after_two(p, step_index, timestep, kwargs):
-        if step_index == 1:
-            p._interrupt = True
-        return kwargs
-
+    stop_after_two = interrupt_after(1)
     latents = pipe(class_labels=[2], generator=seeds(3), callback_on_step_end=stop_after_two,
                    output_type="latent").images
     full = pipe(class_labels=[2], generator=seeds(3), output_type="latent").images
@@ -203,14 +196,8 @@ def test_replacing_a_scale_is_what_the_later_scales_condition_on(flowar):
 
 
 def test_flowar_interrupt_stops_after_the_scale(flowar):
-    scales = []
-
-    def stop_after_two(p, step_index, timestep, kwargs):
-        scales.append(kwargs["x_clean"])
-        if step_index == 1:
-            p._interrupt = True
-        return kwargs
-
+    stop_after_two = interrupt_after(1, record="x_clean")
+    scales = stop_after_two.seen
     latents = flowar(class_labels=[4], generator=seeds(9), callback_on_step_end=stop_after_two,
                      output_type="latent").images
     assert len(scales) == 2 and latents.shape == (1, 4, 2, 2)

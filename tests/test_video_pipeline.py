@@ -19,6 +19,7 @@ from vgen.samplers.flow_grids import shifted_time_grid
 from vgen.samplers.flow_transitions import DenoiseRenoise, EulerODE
 
 from test_video_model import text_condition, tiny_model
+from step_callbacks import interrupt_after, seeds
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle moving right"
@@ -281,10 +282,6 @@ def test_image_commands_refuse_a_video_model_in_one_line(tmp_path):
 # -- diffusers conventions: a step callback per block, interruption, latent output ----------------------------------
 
 
-def seeds(*values):
-    return [torch.Generator().manual_seed(v) for v in values]
-
-
 class _Hook:
     """A :class:`vgen.samplers.step_end.StepEnd` hook: records the tensors, replaces ``x_clean`` of the blocks in
     ``replace`` and is interrupted after block ``stop_after``."""
@@ -381,11 +378,7 @@ def test_replacing_a_block_is_what_the_later_blocks_condition_on():
 def test_video_interrupt_stops_after_the_block_with_the_frames_made_so_far():
     pipe = tiny_pipeline()
 
-    def stop_after_two(p, step_index, timestep, kwargs):
-        if step_index == 1:
-            p._interrupt = True
-        return kwargs
-
+    stop_after_two = interrupt_after(1)
     out = pipe(PROMPT, num_frames=8, generator=seeds(4), callback_on_step_end=stop_after_two, output_type="latent")
     full = pipe(PROMPT, num_frames=8, generator=seeds(4), output_type="latent").frames
     assert out.frames.shape == (1, 4, 4, 8, 8) and out.prompts == [PROMPT] and not pipe.interrupt

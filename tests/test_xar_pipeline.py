@@ -25,6 +25,7 @@ from vgen.pipelines import load_pipeline
 from vgen.pipelines.xar import XARPipeline
 
 from test_flowar_pipeline import FLOW_SAMPLER_DEFAULTS
+from step_callbacks import interrupt_after, seeds
 
 #: the CSpD settings a pipeline saves unless told otherwise (FlowAR's, without its choice of flow sampler)
 CSPD_DEFAULTS = {k: v for k, v in FLOW_SAMPLER_DEFAULTS.items() if k != "flow_sampler"}
@@ -199,10 +200,6 @@ def test_bad_components_and_settings_give_one_line():
 # -- diffusers conventions: step callback per cell, interruption, latent output, unconditional images ---------------
 
 
-def seeds(*values):
-    return [torch.Generator().manual_seed(v) for v in values]
-
-
 @pytest.fixture(scope="module")
 def xar():
     pipe = XARPipeline(vae=tiny_vae(), transformer=tiny_xar(), default_guidance_scale=3.0, default_num_steps=3)
@@ -262,14 +259,8 @@ def test_replacing_a_cell_is_what_the_later_cells_condition_on_and_what_is_decod
 
 
 def test_xar_interrupt_stops_after_the_cell_and_leaves_the_rest_nan_and_black(xar):
-    cells = []
-
-    def stop_after_two(p, step_index, timestep, kwargs):
-        cells.append(kwargs["x_clean"])
-        if step_index == 1:
-            p._interrupt = True
-        return kwargs
-
+    stop_after_two = interrupt_after(1, record="x_clean")
+    cells = stop_after_two.seen
     latents = xar(class_labels=[4], generator=seeds(9), callback_on_step_end=stop_after_two,
                   output_type="latent").images
     assert len(cells) == 2 and latents.shape == (1, 4, 4, 4)
