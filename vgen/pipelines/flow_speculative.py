@@ -25,6 +25,7 @@ from vgen.pipelines.speculative import DrafterFoldersMixin
 from vgen.samplers.cspd import CSpDOutput, CSpDSettings, generate_cspd
 from vgen.samplers.flow_grids import xar_time_grid
 from vgen.samplers.flow_transitions import EulerMaruyamaSDE
+from vgen.samplers.flow_units import generate_flow_units
 
 
 def _as_saved(value: Any) -> Any:
@@ -123,6 +124,23 @@ class FlowSpeculativeMixin(DrafterFoldersMixin):
         grid, _ = self.target_only_sampling(settings)
         units = len(self.transformer.unit_shapes)
         return 1 + units * (grid.numel() - 1) + units - 1
+
+    def flow_units(self, sampling: dict[str, Any], drafter: str | None, condition_inputs: dict[str, Any], cond,
+                   batch_size: int, callback_on_step_end=None, callback_on_step_end_tensor_inputs=None,
+                   **guidance: Any):
+        """The clean units of one call (``.units``, each (B, *unit_shape), in generation order): CSpD
+        (:meth:`cspd_units`) with ``speculative="cspd"``, else the target alone on :meth:`target_only_sampling`
+        with the user's callback (one step per unit) and the progress bar. Arguments as :meth:`cspd_units`'s."""
+        self.speculative_stats = None
+        if sampling["speculative"] == "cspd":
+            return self.cspd_units(sampling, drafter, condition_inputs, cond, batch_size, callback_on_step_end,
+                                   **guidance)
+        self.refuse_drafter(drafter)
+        on_step_end = self.step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                         len(self.transformer.unit_shapes))
+        time_grid, integrator = self.target_only_sampling(sampling)
+        return generate_flow_units(self.transformer, cond, batch_size, time_grid=time_grid, integrator=integrator,
+                                   progress=self.progress_bar, on_step_end=on_step_end, **guidance)
 
     def cspd_units(self, sampling: dict[str, Any], drafter: str | None, condition_inputs: dict[str, Any], cond,
                    batch_size: int, callback_on_step_end=None, **guidance: Any) -> CSpDOutput:

@@ -43,7 +43,6 @@ from vgen.pipelines.base import VGenPipeline, options_of
 from vgen.pipelines.flow_speculative import FlowSpeculativeMixin
 from vgen.samplers.flow_grids import flowar_time_grid
 from vgen.samplers.flow_transitions import EulerODE
-from vgen.samplers.flow_units import generate_flow_units
 from vgen.samplers.guidance import WeightRampCFG
 
 
@@ -211,18 +210,9 @@ class FlowARPipeline(FlowSpeculativeMixin, VGenPipeline):
         common = dict(guidance_scale=sampling["guidance_scale"], guidance_schedule=WeightRampCFG(),
                       guidance_interval=(0.0, sampling["guidance_interval"]),
                       generators=self.generators_for(generator, batch_size))
-        self.speculative_stats = None
-        if sampling["speculative"] == "cspd":
-            condition_inputs = dict(prompt=prompt, class_labels=class_labels,
-                                    num_images_per_prompt=num_images_per_prompt, unconditional=unconditional)
-            out = self.cspd_units(sampling, drafter, condition_inputs, cond, batch_size, callback_on_step_end,
-                                  **common)
-        else:
-            self.refuse_drafter(drafter)
-            on_step_end = self.step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs,
-                                             len(self.transformer.scales))
-            time_grid, integrator = self.flow_sampling(sampling["flow_sampler"], sampling["num_steps"])
-            out = generate_flow_units(self.transformer, cond, batch_size, time_grid=time_grid, integrator=integrator,
-                                      progress=self.progress_bar, on_step_end=on_step_end, **common)
+        condition_inputs = dict(prompt=prompt, class_labels=class_labels, num_images_per_prompt=num_images_per_prompt,
+                                unconditional=unconditional)
+        out = self.flow_units(sampling, drafter, condition_inputs, cond, batch_size, callback_on_step_end,
+                              callback_on_step_end_tensor_inputs, **common)
         latents = self.transformer.tokens_to_latents(out.units[-1])
         return self.call_output(latents, output_type, return_dict, return_latents=return_latents)

@@ -40,7 +40,6 @@ from vgen.models.xar import XAR
 from vgen.pipelines.base import VGenPipeline, options_of
 from vgen.pipelines.flow_speculative import FlowSpeculativeMixin
 from vgen.pipelines.flowar import check_continuous_autoencoder
-from vgen.samplers.flow_units import generate_flow_units
 from vgen.samplers.guidance import WeightRampCFG
 
 
@@ -204,18 +203,9 @@ class XARPipeline(FlowSpeculativeMixin, VGenPipeline):
         # xAR's CFG: the ramp over the units, at every step (no flow-time interval); the same for CSpD
         common = dict(guidance_scale=sampling["guidance_scale"], guidance_schedule=WeightRampCFG(),
                       generators=self.generators_for(generator, batch_size))
-        self.speculative_stats = None
-        if sampling["speculative"] == "cspd":
-            condition_inputs = dict(prompt=prompt, class_labels=class_labels,
-                                    num_images_per_prompt=num_images_per_prompt, unconditional=unconditional)
-            out = self.cspd_units(sampling, drafter, condition_inputs, cond, batch_size, callback_on_step_end,
-                                  **common)
-        else:
-            self.refuse_drafter(drafter)
-            on_step_end = self.step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs,
-                                             len(self.transformer.unit_shapes))
-            time_grid, integrator = self.sde_sampling(sampling["num_steps"])
-            out = generate_flow_units(self.transformer, cond, batch_size, time_grid=time_grid, integrator=integrator,
-                                      progress=self.progress_bar, on_step_end=on_step_end, **common)
+        condition_inputs = dict(prompt=prompt, class_labels=class_labels, num_images_per_prompt=num_images_per_prompt,
+                                unconditional=unconditional)
+        out = self.flow_units(sampling, drafter, condition_inputs, cond, batch_size, callback_on_step_end,
+                              callback_on_step_end_tensor_inputs, **common)
         latents = self.transformer.units_to_latents(self.partial_units(out.units, batch_size))
         return self.call_output(latents, output_type, return_dict, return_latents=return_latents)
