@@ -4,7 +4,7 @@
 # prompts x GENEVAL_IMAGES), Shapes-FID (FID_SAMPLES samples against 10 000 real renders) and sampling speed of all
 # folders in one process, next to the shipped VAR model. The steps are those of the table's run: what a 40-step probe
 # said fits in each budget on 2 shared CPU cores (raster VQ 12 min, raster AR 15, KL autoencoder 10, FlowAR 15,
-# FR-VAE 7, NFIG 9);
+# xAR 15 on FlowAR's autoencoder, FR-VAE 7, NFIG 9);
 # the shared recipes keep their own steps, so they are set here.
 #   bash configs/shapes/compare_families.sh              # everything (about 1.5 hours on 2 shared cores)
 #   FAMILIES=flowar bash configs/shapes/compare_families.sh
@@ -17,7 +17,7 @@ VGEN=${VGEN:-vgen}
 OUT=${OUT:-runs}
 FID_SAMPLES=${FID_SAMPLES:-1000}
 GENEVAL_IMAGES=${GENEVAL_IMAGES:-1}
-FAMILIES=${FAMILIES:-raster flowar nfig}
+FAMILIES=${FAMILIES:-raster flowar xar nfig}
 
 heavy() {  # command... (under flock LOCK when LOCK is set)
     if [ -n "$LOCK" ]; then flock "$LOCK" "$@"; else "$@"; fi
@@ -56,13 +56,19 @@ for family in $FAMILIES; do
         train "$OUT/flowar_shapes" flowar configs/shapes/flowar_text.yaml --set train.steps=992 \
             train.sample_every=992 train.max_seconds=900 task.autoencoder="$OUT/kl_shapes/final"
         models+=("$OUT/flowar_shapes/final") ;;
+    xar)
+        train "$OUT/kl_shapes" autoencoder configs/shapes/kl_autoencoder.yaml --set train.steps=251 \
+            train.sample_every=251 train.max_seconds=600
+        train "$OUT/xar_shapes" xar configs/shapes/xar_text.yaml --set train.steps=1200 \
+            train.sample_every=1200 train.max_seconds=900 task.autoencoder="$OUT/kl_shapes/final"
+        models+=("$OUT/xar_shapes/final") ;;
     nfig)
         train "$OUT/frvae_compare" tokenizer configs/shapes/frvae_compare.yaml --set train.steps=229 \
             train.sample_every=229 train.max_seconds=420
         train "$OUT/nfig_compare" var configs/shapes/var_nfig_compare.yaml --set train.steps=87 \
             train.sample_every=87 train.max_seconds=540 task.tokenizer="$OUT/frvae_compare/final"
         models+=("$OUT/nfig_compare/final") ;;
-    *) echo "unknown family $family (raster, flowar, nfig)" >&2; exit 2 ;;
+    *) echo "unknown family $family (raster, flowar, xar, nfig)" >&2; exit 2 ;;
     esac
     evaluate "$family" "${models[-1]}"
 done
