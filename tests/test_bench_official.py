@@ -78,7 +78,14 @@ def test_official_comparison(official_checkout, tiny_var, capsys):
 
 
 def test_official_comparison_refuses_what_the_official_code_cannot_build(official_checkout, tiny_var, capsys):
-    assert _bench("--official", str(official_checkout), "--model", str(tiny_var / "var_small_vq")) == 2
+    small_vq = str(tiny_var / "var_small_vq")
+    assert _bench("--official", str(official_checkout), "--model", small_vq, "--top-k", "20") == 2
     err = capsys.readouterr().err
     assert "the official VQVAE hard-codes ch_mult=(1, 1, 2, 2, 4)" in err and "differs in ch_mult, num_res_blocks, " \
         "using_sa" in err
+
+
+def test_official_comparison_refuses_a_top_k_above_the_codebook(official_checkout, tiny_var, capsys):
+    # the default top-k 900 is official VAR's setting for 4096 codes; the official sampler fails on a smaller codebook
+    assert _bench("--official", str(official_checkout), "--model", str(tiny_var / "var")) == 2
+    assert "--top-k 900 is more than the model's 64 codes" in capsys.readouterr().err
