@@ -34,6 +34,21 @@ GENEVAL_DIR = REFERENCE_DIR / "geneval"
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def _one_intra_op_thread():
+    """One intra-op thread while the fixture lives: tiny models gain nothing from more, and on a machine shared
+    with other jobs they lose several times over."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+#: one thread per test (``pytestmark = pytest.mark.usefixtures("one_thread")`` for a whole file, or as an argument)
+one_thread = pytest.fixture(_one_intra_op_thread, name="one_thread")
+#: one thread for a whole test file, its module-scoped fixtures included
+one_thread_per_module = pytest.fixture(_one_intra_op_thread, scope="module", name="one_thread_per_module")
+
+
 @pytest.fixture
 def parity_dir() -> Path:
     if not PARITY_DIR.is_dir():

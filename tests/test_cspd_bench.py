@@ -5,19 +5,13 @@ B=1 and 4), a gamma sweep; one-line refusals for a method the family lacks."""
 import json
 
 import pytest
-import torch
 from vgen.cli import main
 
 from test_flowar_cspd import folders  # noqa: F401  (the module fixture: target, small, same, ... folders)
 from test_xar_cspd import xar_folders  # noqa: F401  (the xAR module fixture: target, small, ... folders)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def test_cspd_speed_report_at_b1_and_b16(folders, tmp_path, capsys):  # noqa: F811

@@ -13,12 +13,7 @@ TINY = {"z_channels": 4, "ch": 8, "ch_mult": (1, 2), "num_res_blocks": 1, "norm_
         "encoder_attn_levels": (1,), "decoder_attn_levels": (1,), "scale_factor": 0.5}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0, **overrides) -> AutoencoderKL:

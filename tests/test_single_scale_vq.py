@@ -13,12 +13,7 @@ TINY = {"vocab_size": 32, "codebook_dim": 4, "z_channels": 16, "ch": 8, "ch_mult
         "num_res_blocks": 1, "usage_window": 256}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0, **overrides) -> SingleScaleVQModel:

@@ -16,12 +16,7 @@ from vgen.pipelines.raster_ar import RasterARPipeline
 from test_raster_ar_train import tiny_vq
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def text_pipeline(grid, seed):

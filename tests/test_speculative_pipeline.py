@@ -19,13 +19,7 @@ from vgen.pipelines.raster_ar import RasterARPipeline
 from test_raster_ar_pipeline import tiny_vq
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than two on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def pipeline(grid=4, seed=1, vq=None, vocab_size=64, window=1, **defaults):

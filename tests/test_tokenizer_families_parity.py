@@ -22,12 +22,7 @@ DECODER_ATOL = 3e-5  # 2x the float32-vs-float64 spread of the fixtures' own dec
 LATENT_ATOL = 5e-6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.lru_cache(maxsize=1)

@@ -13,13 +13,7 @@ import torch
 from vgen.tokenizers.msvq import load_official_var_vae
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these CPU tests run several times faster on a machine shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.lru_cache(maxsize=1)

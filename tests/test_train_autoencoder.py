@@ -16,12 +16,7 @@ TINY_TASK = {"ch": 16, "ch_mult": (1, 2, 2), "z_channels": 4, "norm_num_groups":
              "dataset_length": 256, "num_sample_images": 4, "scale_factor_images": 64}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(tmp_path, name: str, steps: int = 30, **overrides) -> tuple[AutoencoderTask, list[dict]]:

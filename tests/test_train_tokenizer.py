@@ -24,15 +24,6 @@ def test_registered_under_tokenizer():
     assert load_task("tokenizer") is TokenizerTask
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: tiny models gain nothing from more, and on a busy machine they lose a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_loss_decreases_over_30_steps_and_export_loads(tmp_path, one_thread):
     task = TokenizerTask(TokenizerTaskConfig(**TINY_TASK))
     cfg = TrainConfig(

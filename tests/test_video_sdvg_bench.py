@@ -27,12 +27,7 @@ QUALITY_KEYS = {"setting", "tau", "videos", "frames", "caption_adherence", "capt
                 "equal_to_target_only", "caption_adherence_vs_target_only", "shapes_fid_delta_vs_target_only"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")
