@@ -27,6 +27,10 @@ train() {  # OUT_DIR TASK CONFIG --set ...: skipped when the export exists
     [ -f "$dir/final/config.json" ] || [ -f "$dir/final/model_index.json" ] ||
         heavy "$VGEN" train "$task" --config "$config" --out "$dir" --no-progress "$@"
 }
+kl_autoencoder() {  # the KL autoencoder FlowAR and xAR share (trained once)
+    train "$OUT/kl_shapes" autoencoder configs/shapes/kl_autoencoder.yaml --set train.steps=251 \
+        train.sample_every=251 train.max_seconds=600
+}
 evaluate() {  # NAME PIPELINE_DIR
     local name=$1 model=$2 ev=$OUT/family_eval
     mkdir -p "$ev/$name"
@@ -51,14 +55,12 @@ for family in $FAMILIES; do
             task.token_cache="$OUT/raster_tokens_64.pt"
         models+=("$OUT/raster_s1_64/final") ;;
     flowar)
-        train "$OUT/kl_shapes" autoencoder configs/shapes/kl_autoencoder.yaml --set train.steps=251 \
-            train.sample_every=251 train.max_seconds=600
+        kl_autoencoder
         train "$OUT/flowar_shapes" flowar configs/shapes/flowar_text.yaml --set train.steps=992 \
             train.sample_every=992 train.max_seconds=900 task.autoencoder="$OUT/kl_shapes/final"
         models+=("$OUT/flowar_shapes/final") ;;
     xar)
-        train "$OUT/kl_shapes" autoencoder configs/shapes/kl_autoencoder.yaml --set train.steps=251 \
-            train.sample_every=251 train.max_seconds=600
+        kl_autoencoder
         train "$OUT/xar_shapes" xar configs/shapes/xar_text.yaml --set train.steps=1200 \
             train.sample_every=1200 train.max_seconds=900 task.autoencoder="$OUT/kl_shapes/final"
         models+=("$OUT/xar_shapes/final") ;;
