@@ -14,8 +14,8 @@ Both sides sample with official VAR's settings (``--cfg`` on VAR's linear ramp, 
 ``more_smooth=False``), in fp32 or both under ``torch.autocast`` (``--autocast fp16`` is the official demo's
 setting on GPUs; the greedy check always runs in fp32), and decode the images (the official
 ``autoregressive_infer_cfg`` returns images; vgen's call runs with ``output_type="pt"``). Per batch size the
-official and vgen calls alternate (``--warmup`` untimed rounds, then ``--repeats`` timed ones), so load on a shared
-machine falls on both alike; the JSON reports the median seconds per batch of each, images/s, the peak memory of
+official and vgen calls alternate (``--warmup`` untimed rounds, at least one, the last of which measures peak
+memory; then ``--repeats`` timed ones), so load on a shared machine falls on both alike; the JSON reports the median seconds per batch of each, images/s, the peak memory of
 one call, and ``vgen_speedup`` = official seconds / vgen seconds, measured in this one run.
 
 Same tokens for the same logits: before timing, both samplers run greedily (``top_k=1``) at the smallest batch size
@@ -38,6 +38,8 @@ from pathlib import Path
 OFFICIAL_FILES = ("models/var.py", "models/vqvae.py", "models/helpers.py", "models/basic_var.py", "dist.py")
 #: ``--autocast`` -> the dtype both sides run under ``torch.autocast`` (None: fp32 throughout)
 AUTOCAST_DTYPES = {"none": None, "fp16": "float16", "bf16": "bfloat16"}
+#: the sampling flags of the comparison and their defaults (official VAR's FID settings, fp32)
+OFFICIAL_SAMPLING = {"cfg": 1.5, "top_k": 900, "top_p": 0.96, "autocast": "none"}
 #: the tokenizer settings the official ``VQVAE`` hard-codes (vgen's multi-scale VQ makes them configurable)
 OFFICIAL_VQVAE_FIXED = {"ch_mult": (1, 1, 2, 2, 4), "num_res_blocks": 2, "using_sa": True, "using_mid_sa": True,
                         "norm_num_groups": 32, "in_channels": 3}
@@ -155,8 +157,9 @@ def greedy_check(pipe, var_o, var_module, batch: int, cfg: float) -> dict:
     ids_o = torch.cat(drawn, dim=1).cpu()
     settings = dict(class_labels=labels.tolist(), guidance_scale=cfg, guidance_profile="ramp", top_k=1, top_p=0.0,
                     more_smooth=False, generator=[torch.Generator().manual_seed(i) for i in range(batch)])
-    ids_v = pipe(**settings, output_type="latent").images.cpu()
-    images_v = pipe(**settings, output_type="pt").images
+    ids_v = pipe(**settings, output_type="latent").images
+    images_v = pipe.decode_latents(ids_v, output_type="pt").images  # the ids decode to the call's images (no smoothing)
+    ids_v = ids_v.cpu()
     return {"batch_size": batch, "greedy_tokens_identical": bool(torch.equal(ids_o, ids_v)),
             "greedy_tokens_differing": int((ids_o != ids_v).sum()), "tokens_per_image": int(ids_v.shape[1]),
             "greedy_max_pixel_difference": float((images_o.float().cpu() - images_v.float().cpu()).abs().max())}
@@ -177,6 +180,9 @@ def run(args) -> int:
     sizes = _batch_sizes(args.batch_sizes)
     if args.repeats < 1 or args.warmup < 0:
         raise UserError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats}, {args.warmup}")
+    for flag, default in OFFICIAL_SAMPLING.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, default)
     if args.model and args.random_var:
         raise UserError("give either --model DIR or --random-var SIZE for the official comparison, not both")
     if args.model and len(args.model) > 1:
@@ -201,7 +207,7 @@ def run(args) -> int:
     if args.top_k > pipe.transformer.V:
         raise UserError(f"--top-k {args.top_k} is more than the model's {pipe.transformer.V} codes (the official "
                         "sampler cannot take it): give --top-k at most that, or 0 for no top-k")
-    vae_o, var_o = official_twin(pipe, models)
+    _vae_o, var_o = official_twin(pipe, models)  # the official VAR holds its VQVAE itself
     device = next(var_o.parameters()).device
 
     autocast = getattr(torch, AUTOCAST_DTYPES[args.autocast]) if AUTOCAST_DTYPES[args.autocast] else None
@@ -233,13 +239,15 @@ def run(args) -> int:
     results = []
     for batch in sizes:
         row = {"batch_size": batch}
-        for _ in range(args.warmup):
-            official_call(batch)
-            vgen_call(batch)
-        for name, call in (("official", official_call), ("vgen", vgen_call)):
-            with peak_memory(device) as memory:
-                call(batch)
-            row[f"{name}_peak_memory_bytes"] = memory["bytes"]
+        untimed = max(args.warmup, 1)  # the last untimed round also measures each side's peak memory
+        for round_index in range(untimed):
+            for name, call in (("official", official_call), ("vgen", vgen_call)):
+                if round_index < untimed - 1:
+                    call(batch)
+                    continue
+                with peak_memory(device) as memory:
+                    call(batch)
+                row[f"{name}_peak_memory_bytes"] = memory["bytes"]
         seconds = {"official": [], "vgen": []}
         for _ in range(args.repeats):
             for name, call in (("official", official_call), ("vgen", vgen_call)):

@@ -56,10 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     official.add_argument("--random-var", default=None, metavar="SIZE",
                           help="with --official: random weights of this VAR size (var-d16 ... var-d30) instead of "
                                "--model DIR")
-    official.add_argument("--cfg", type=float, default=1.5, help="with --official: VAR's cfg (default 1.5)")
-    official.add_argument("--top-k", type=int, default=900, help="with --official: top-k (default 900)")
-    official.add_argument("--top-p", type=float, default=0.96, help="with --official: top-p (default 0.96)")
-    official.add_argument("--autocast", choices=("none", "fp16", "bf16"), default="none",
+    official.add_argument("--cfg", type=float, default=None, help="with --official: VAR's cfg (default 1.5)")
+    official.add_argument("--top-k", type=int, default=None, help="with --official: top-k (default 900)")
+    official.add_argument("--top-p", type=float, default=None, help="with --official: top-p (default 0.96)")
+    official.add_argument("--autocast", choices=("none", "fp16", "bf16"), default=None,
                           help="with --official: run both sides under torch.autocast in this dtype (fp16: the "
                                "official demo's GPU setting; default none = fp32)")
 
@@ -229,8 +229,11 @@ def run(args) -> int:
         from vgen.eval.bench_official import run as run_official
 
         return run_official(args)
-    if args.random_var:
-        raise UserError("--random-var is for the comparison with official code: add --official PATH")
+    given = [f"--{flag.replace('_', '-')}" for flag in ("random_var", "cfg", "top_k", "top_p", "autocast")
+             if getattr(args, flag) is not None]
+    if given:  # every other pipeline samples with its saved settings
+        raise UserError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for the comparison with official "
+                        "code: add --official PATH")
     sizes = _batch_sizes(args.batch_sizes)
     if args.repeats < 1 or args.warmup < 0:
         raise UserError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats}, {args.warmup}")

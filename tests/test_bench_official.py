@@ -58,6 +58,9 @@ def test_a_folder_that_is_not_the_official_code_is_one_line(tmp_path, tiny_var, 
 def test_random_var_needs_official_and_a_known_size(tiny_var, capsys, tmp_path):
     assert _bench("--random-var", "var-d16") == 2
     assert "--random-var is for the comparison with official code: add --official PATH" in capsys.readouterr().err
+    # the official comparison's sampling flags would be ignored by the plain benchmark: one line instead
+    assert _bench("--model", str(tiny_var / "var"), "--top-k", "20", "--autocast", "bf16") == 2
+    assert "--top-k, --autocast are for the comparison with official code" in capsys.readouterr().err
     assert _bench("--official", str(tmp_path), "--random-var", "var-d16", "--model", str(tiny_var / "var")) == 2
     assert "either --model DIR or --random-var SIZE" in capsys.readouterr().err
 
