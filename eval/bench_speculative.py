@@ -12,7 +12,9 @@ Class-conditional models (e.g. FlowAR, xAR) are called on the class labels in tu
 ``--speculative cspd`` (FlowAR and xAR pipelines, :mod:`vgen.samplers.cspd`): the target-only reference samples with
 the same Euler-Maruyama SDE (FlowAR: ``flow_sampler=sde``; xAR samples with it anyway); forwards count every model
 call (prefill, velocity calls, commits; CFG rows share a call); ``fallbacks_per_image`` counts units that kept the
-target's own proposal after ``rejection_rounds`` failed ones.
+target's own proposal after ``rejection_rounds`` failed ones; ``--sweep unit window --sweep-knob verification`` (xAR)
+compares unit-by-unit and window verification, ``discarded_per_image`` counting accepted units the window dropped
+because another image of the batch rejected an earlier one.
 
 Quality (``--quality``): for target-only and every setting, Shapes-GenEval (``--geneval-images-per-prompt`` images
 for each of the 553 prompts) and Shapes-FID (``--fid-samples`` images against ``--fid-ref``, a reference from
@@ -105,7 +107,9 @@ def settings_list(args: argparse.Namespace, pipe) -> list[tuple[str, dict]]:
     for value in values:
         options = dict(base) if value is None else {**base, knob: value}
         checked = {name: pipe.option(name).check(v) for name, v in options.items()}
-        label = args.speculative if value is None else f"{args.speculative} {knob}={checked[knob]:g}"
+        shown = checked.get(knob)
+        shown = f"{shown:g}" if isinstance(shown, (int, float)) else shown
+        label = args.speculative if value is None else f"{args.speculative} {knob}={shown}"
         out.append((label, checked))
     return out
 
@@ -131,8 +135,8 @@ def measure_speed(pipe, variants, prompts, batch_size: int, repeats: int, device
     import torch
 
     times = {label: [] for label, _ in variants}
-    counts = {label: {"target": 0, "drafter": 0, "drafted": 0, "accepted": 0, "units": 0, "fallbacks": 0}
-              for label, _ in variants}
+    counts = {label: {"target": 0, "drafter": 0, "drafted": 0, "accepted": 0, "units": 0, "fallbacks": 0,
+                      "discarded": 0} for label, _ in variants}
     for round_ in range(repeats + 1):  # round 0 warms up every variant
         start = (round_ * batch_size) % len(prompts)
         batch = [prompts[(start + i) % len(prompts)] for i in range(batch_size)]
@@ -157,6 +161,7 @@ def measure_speed(pipe, variants, prompts, batch_size: int, repeats: int, device
                 c["accepted"] += int(stats.accepted.sum())
                 c["units"] += int(stats.units.sum())
                 c["fallbacks"] += int(stats.fallbacks.sum()) if hasattr(stats, "fallbacks") else 0
+                c["discarded"] += int(stats.discarded.sum()) if hasattr(stats, "discarded") else 0
     base = times["target-only"]
     rows = []
     for label, options in variants:
@@ -170,6 +175,7 @@ def measure_speed(pipe, variants, prompts, batch_size: int, repeats: int, device
             "acceptance_rate": c["accepted"] / c["drafted"] if c["drafted"] else None,
             "mean_accepted_length": c["units"] / c["target"] if c["target"] else None,
             "fallbacks_per_image": c["fallbacks"] / images,
+            "discarded_per_image": c["discarded"] / images,
             "per_round_seconds_per_image": times[label],
         })
     return rows

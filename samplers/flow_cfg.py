@@ -87,7 +87,13 @@ def velocity_field(velocity: Velocity, cfg_doubled: bool, guidance: FlowGuidance
             v_cond, v_uncond = call(torch.cat([x[:B], x[:B]]), t_cur).chunk(2)
             v = combine_cfg_difference(v_cond, v_uncond, guidance.weight)
             return torch.cat([v, v])
-        v_cond, v_uncond = call(torch.cat([x, x]), t_cur).chunk(2)
-        return combine_cfg_difference(v_cond, v_uncond, guidance.weight) if guided else v_cond
+        return guided_velocity(call(torch.cat([x, x]), t_cur), guidance, t_cur)
 
     return field
+
+
+def guided_velocity(v_R: torch.Tensor, guidance: FlowGuidance, t_cur: torch.Tensor | float) -> torch.Tensor:
+    """The state's velocity (B, ...) from the model's on a CFG-doubled batch ``v_R`` (2B, ...) float64 of
+    ``[x, x]`` (``uncond_own_x=False``): guided at ``t_cur`` when the guidance is on there, else ``v_cond``."""
+    v_cond, v_uncond = v_R.chunk(2)
+    return combine_cfg_difference(v_cond, v_uncond, guidance.weight) if guidance.guided_at(float(t_cur)) else v_cond

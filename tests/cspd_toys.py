@@ -53,6 +53,7 @@ class ToyMixtureFlow:
         self.num_units, self.dim = num_units, self.means.shape[1]
         self.coupling, self.label_shift = coupling, label_shift
         self.velocity_calls = 0
+        self.window_calls = 0
 
     @property
     def unit_shapes(self):
@@ -88,6 +89,11 @@ class ToyMixtureFlow:
         x0 = (post * (mu + (1 - t) * s2 / var * diff)).sum(1)  # (R, d)
         v = (x - x0) / t[:, 0]
         return v[:, None].float()
+
+    def velocity_window(self, ks, x_t_list, t_R, unit_conds):
+        """Several units in one call (CSpD's window verification), each with its own condition."""
+        self.window_calls += 1
+        return [self.velocity(k, x_t, t_R, cond) for k, x_t, cond in zip(ks, x_t_list, unit_conds)]
 
     def commit(self, k, x_clean, state):
         unit = x_clean.to(torch.float64)[:, 0]

@@ -69,6 +69,16 @@ def test_cspd_bench_on_xar_folders(xar_folders, capsys):  # noqa: F811
     assert main(["bench", "speculative", "--model", str(xar_folders / "target"), "--speculative", "cspd", "--drafter",
                  str(xar_folders / "target"), "--batch-sizes", "2", "--repeats", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["speed"][1]["acceptance_rate"] == 1.0
+    # unit and window verification in one run: the window takes fewer target calls for the same cells
+    assert main(["bench", "speculative", "--model", str(xar_folders / "target"), "--speculative", "cspd", "--drafter",
+                 str(xar_folders / "target"), "--set", "gamma=4", "prefill_fraction=0.0", "--sweep", "unit", "window",
+                 "--sweep-knob", "verification", "--batch-sizes", "2", "--repeats", "1"]) == 0
+    base, unit, window = json.loads(capsys.readouterr().out)["speed"]
+    assert (unit["setting"], window["setting"]) == ("cspd verification=unit", "cspd verification=window")
+    assert unit["target_forwards_per_image"] == base["target_forwards_per_image"] == 1 + cells * steps + cells - 1
+    # prefill, 4 finishing steps, 3 speculative commits, 2 window passes (one per stochastic step)
+    assert window["target_forwards_per_image"] == 1 + cells + (cells - 1) + (steps - 1)
+    assert window["acceptance_rate"] == 1.0 and window["discarded_per_image"] == 0.0
     assert main(["bench", "speculative", "--model", str(xar_folders / "target"), "--speculative", "exact",
                  "--batch-sizes", "1", "--repeats", "1"]) == 2
     assert "xAR takes none, cspd" in capsys.readouterr().err

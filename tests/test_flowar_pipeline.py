@@ -24,7 +24,7 @@ from vgen.pipelines.flowar import FlowARPipeline
 
 #: the sampler and CSpD settings a pipeline saves unless told otherwise
 FLOW_SAMPLER_DEFAULTS = {"flow_sampler": "ode", "speculative": "none", "drafter": "", "gamma": 4,
-                         "prefill_fraction": 0.05, "rejection_rounds": 32}
+                         "prefill_fraction": 0.05, "rejection_rounds": 32, "verification": "unit"}
 
 
 def tiny_flowar(**overrides) -> FlowAR:

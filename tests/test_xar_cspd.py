@@ -127,6 +127,35 @@ def test_a_mismatched_drafter_fills_every_cell_and_counts_add_up(xar_folders):
     assert images.shape == (1, 3, 8, 8) and torch.isfinite(images).all()
 
 
+def test_window_verification_in_the_pipeline(xar_folders):
+    """``verification="window"``: a drafter equal to the target accepts every cell in one window, makes the
+    target-only latents and takes 12 target passes (target-only 16): the prefill, the pre-filled cell's 3 steps and
+    commit, then 3 finishing steps, 2 speculative commits and 2 window passes; a mismatched drafter fills every cell, each cell either a kept draft or a resampled one."""
+    pipe = loaded(xar_folders / "target")
+    labels, seeds = [1, 2, 3], (0, 1, 2)
+    target_only = pipe(class_labels=labels, generator=gens(*seeds), output_type="latent").images
+    latents = pipe(class_labels=labels, speculative="cspd", drafter=str(xar_folders / "target"), gamma=3,
+                   prefill_fraction=0.25, verification="window", generator=gens(*seeds), output_type="latent").images
+    stats = pipe.speculative_stats
+    assert stats.accepted.tolist() == [3, 3, 3] and stats.discarded.tolist() == [0, 0, 0]
+    assert stats.target_forwards.tolist() == [1 + STEPS + 1 + 3 + 2 + (STEPS - 1)] * 3
+    torch.testing.assert_close(latents, target_only, rtol=0, atol=1e-5)
+    B = 4
+    latents = pipe(class_labels=[0, 3, 5, 9], speculative="cspd", drafter=str(xar_folders / "small"), gamma=2,
+                   prefill_fraction=0.0, verification="window", generator=gens(*range(B)), output_type="latent").images
+    assert torch.isfinite(latents).all()
+    stats = pipe.speculative_stats
+    assert stats.units.tolist() == [CELLS] * B
+    kept = stats.accepted - stats.discarded
+    assert (kept + stats.resampled + stats.fallbacks).tolist() == [CELLS] * B
+    flowar = FlowARPipeline.from_pretrained(str(xar_folders / "flowar"))
+    with pytest.raises(UserError, match="--verification window needs a model that verifies several units in one "
+                                        "pass \\(xAR\\); FlowAR verifies unit by unit"):
+        flowar(class_labels=[1], speculative="cspd", drafter=str(xar_folders / "flowar"), verification="window")
+    with pytest.raises(UserError, match="verification"):
+        pipe(class_labels=[1], verification="batch")
+
+
 @pytest.mark.parametrize("drafter, message", [
     ("vae", "uses another autoencoder than this model"),
     ("subsample", "this model 4 units (cell 2) of 4 tokens x 4 channels on a 4x4 grid, patch 1; a drafter must share"),
@@ -166,19 +195,22 @@ def test_settings_that_cspd_refuses(xar_folders):
 
 def test_saved_cspd_defaults_and_relative_drafter_path(xar_folders, tmp_path):
     pipe = pipeline(default_speculative="cspd", default_drafter=str((xar_folders / "small").resolve()),
-                    default_gamma=2, default_prefill_fraction=0.3, default_rejection_rounds=5)
+                    default_gamma=2, default_prefill_fraction=0.3, default_rejection_rounds=5,
+                    default_verification="window")
     pipe.save_pretrained(tmp_path / "saved")
     index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
     assert (index["default_speculative"], index["default_gamma"], index["default_prefill_fraction"],
-            index["default_rejection_rounds"]) == ("cspd", 2, 0.3, 5)
+            index["default_rejection_rounds"], index["default_verification"]) == ("cspd", 2, 0.3, 5, "window")
     assert not index["default_drafter"].startswith("/")
     assert (tmp_path / "saved" / index["default_drafter"]).resolve() == (xar_folders / "small").resolve()
     again = loaded(tmp_path / "saved")
     assert again.sampling_defaults() == {"guidance_scale": 3.0, "num_steps": STEPS, "speculative": "cspd",
                                          "drafter": index["default_drafter"], "gamma": 2, "prefill_fraction": 0.3,
-                                         "rejection_rounds": 5}
+                                         "rejection_rounds": 5, "verification": "window"}
     again(class_labels=[0], generator=gens(0), output_type="latent")  # the saved drafter, relative to the folder
-    assert int(again.speculative_stats.drafted[0]) == 2 and int(again.speculative_stats.rounds[0]) == 1
+    # 2 pre-filled cells, then windows of 2 until the 4 cells are made (window verification keeps 1 or 2 per round)
+    stats = again.speculative_stats
+    assert int(stats.drafted[0]) >= 2 and 1 <= int(stats.rounds[0]) <= 2 and stats.units.tolist() == [CELLS]
     # what the CLI does: every resolved setting passed, the saved relative drafter path among them
     again(class_labels=[0], generator=gens(0), output_type="latent", **again.resolve_sampling())
     assert int(again.speculative_stats.drafted[0]) == 2
@@ -192,8 +224,9 @@ def test_generate_cli_with_cspd(xar_folders, tmp_path):
     out = tmp_path / "grid.png"
     assert main(["generate", "--model", str(xar_folders / "target"), "--class-label", "1", "4", "--n", "1",
                  "--speculative", "cspd", "--drafter", str(xar_folders / "small"), "--gamma", "2",
-                 "--prefill-fraction", "0.2", "--rejection-rounds", "4", "--seed", "3", "--out", str(out)]) == 0
+                 "--prefill-fraction", "0.2", "--rejection-rounds", "4", "--verification", "window", "--seed", "3",
+                 "--out", str(out)]) == 0
     settings = json.loads((tmp_path / "grid.json").read_text())
     assert (settings["speculative"], settings["gamma"], settings["prefill_fraction"], settings["rejection_rounds"],
-            settings["num_steps"]) == ("cspd", 2, 0.2, 4, STEPS)
+            settings["verification"], settings["num_steps"]) == ("cspd", 2, 0.2, 4, "window", STEPS)
     assert out.is_file()

@@ -244,8 +244,15 @@ class FullKVCache(KVCache):
         return layout
 
     def attend(self, layer, q_BHlc, k_BHlc, v_BHlc, *, store=True, causal=False, scale=None, dropout_p=0.0,
-               return_lse=False):
+               return_lse=False, visible=None):
+        """As :meth:`KVCache.attend`; ``visible``: a boolean mask (l, T) over the keys each of the step's queries may
+        see, T = the history's length + l, True = visible: several AR units' noisy passes in one call, each query
+        seeing the history before its own unit and its own unit's tokens (:meth:`vgen.models.xar.XAR.
+        velocity_window`). Only for steps that store nothing (the history is read, the step is not written), on
+        rows of equal length and the sdpa backend, without ``causal`` or ``return_lse``."""
         n = self._begin(layer, k_BHlc, v_BHlc, store)
+        if visible is not None:
+            return self._attend_visible(layer, q_BHlc, k_BHlc, v_BHlc, visible, store, causal, return_lse, scale)
         start, end, rows_Bn, mask = self._step_layout(n, causal and n > 1)
         k_pool, v_pool = self.k[layer], self.v[layer]
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q_BHlc, k_BHlc, v_BHlc)):
@@ -271,6 +278,17 @@ class FullKVCache(KVCache):
         if mask is not None:
             return attention(q_BHlc, keys, values, mask, scale=scale, dropout_p=dropout_p)
         return attention(q_BHlc, keys, values, scale=scale, causal=causal and n > 1, dropout_p=dropout_p)
+
+    def _attend_visible(self, layer, q_BHlc, k_BHlc, v_BHlc, visible, store, causal, return_lse, scale):
+        if store or causal or return_lse or self.backend == "kernels" or self._uniform is None:
+            raise ValueError("a visible mask needs a step that stores nothing, rows of equal length, the sdpa backend, "
+                             "no causal step and no return_lse")
+        history, n = self._uniform, k_BHlc.shape[2]
+        if tuple(visible.shape) != (n, history + n):
+            raise ValueError(f"visible must be (l={n}, T={history + n}) booleans, got {tuple(visible.shape)}")
+        keys = torch.cat([self.k[layer][:, :, :history], k_BHlc], dim=2)
+        values = torch.cat([self.v[layer][:, :, :history], v_BHlc], dim=2)
+        return attention(q_BHlc, keys, values, visible.to(device=self.device, dtype=torch.bool), scale=scale)
 
     def _attend_with_grad(self, layer, q_BHlc, k_BHlc, v_BHlc, start, end, rows_Bn, causal, scale, dropout_p):
         """Attention that gradients flow through (training on the model's own rollouts, e.g. self forcing): the

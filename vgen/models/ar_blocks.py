@@ -64,7 +64,8 @@ class RoPESelfAttention(nn.Module):
             rope_table: ``(cos, sin)`` (L, head_dim) for the L tokens (None: no rotation).
             mask: boolean or additive mask broadcastable to (B, H, L, L) (training: FlowAR's block-causal mask).
             cache: a :class:`vgen.kv_cache.KVCache`; the step's keys/values go to layer ``layer`` and the queries
-                attend to its history plus the step (no ``mask`` then).
+                attend to its history plus the step; a ``mask`` is then the cache's ``visible`` mask (l, history +
+                l) (:meth:`vgen.kv_cache.FullKVCache.attend`).
             store: keep the step's keys/values in the cache (False: attend without storing, e.g. xAR's noisy passes).
         """
         qkv = self.qkv(x_BLC)
@@ -73,7 +74,8 @@ class RoPESelfAttention(nn.Module):
             cos, sin = (t.to(q_BHLc.dtype) for t in rope_table)
             q_BHLc, k_BHLc = apply_eva_rope(q_BHLc, cos, sin), apply_eva_rope(k_BHLc, cos, sin)
         if cache is not None:
-            out_BHLc = cache.attend(layer, q_BHLc, k_BHLc, v_BHLc, store=store)
+            extra = {} if mask is None else {"visible": mask}
+            out_BHLc = cache.attend(layer, q_BHLc, k_BHLc, v_BHLc, store=store, **extra)
         else:
             dropout_p = self.attn_drop if self.training else 0.0
             out_BHLc = attention(q_BHLc, k_BHLc, v_BHLc, mask, dropout_p=dropout_p)

@@ -42,6 +42,7 @@ cache, which attends to the same keys and gives the same keys and values.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -380,6 +381,33 @@ class XAR(ModelMixin, ConfigMixin, ConditionedModel):
                              "tokens: commit each unit before the next")
         cond_B1D = self.unit_condition(state.cond, t_B[:, None])
         return self.transformer(x_t_BlC, cond_B1D, start, state.cond, cache=state.cache, store=False).float()
+
+    def velocity_window(self, ks: Sequence[int], x_t_BlC: Sequence[torch.Tensor], t_B: torch.Tensor,
+                        states: Sequence[XARStepState]) -> list[torch.Tensor]:
+        """Velocities (R, n_k, Ct) float32 of the consecutive units ``ks`` in one pass (CSpD's windowed
+        verification): ``x_t_BlC[j]`` (R, n_k, Ct) at time ``t_B`` (R,), unit ``ks[j]`` attending to the clean units
+        before it in the cache and to its own tokens only, which is what :meth:`velocity` gives it when the cache
+        holds exactly the units before it. The cache must hold the units < ``ks[-1]`` (e.g. speculatively committed
+        drafts); ``states``: each unit's condition (one state here); nothing is stored."""
+        ks = list(ks)
+        if not ks or ks != list(range(ks[0], ks[0] + len(ks))) or len(x_t_BlC) != len(ks):
+            raise ValueError(f"velocity_window needs consecutive units and one input each, got units {ks} and "
+                             f"{len(x_t_BlC)} inputs")
+        state, bounds = states[-1], self.layout.unit_bounds
+        history = state.cache.seq_len
+        if history != bounds[ks[-1]][0]:
+            raise ValueError(f"units {ks[0]}..{ks[-1]} need the {ks[-1]} units before the last in the cache, it holds "
+                             f"{history} tokens")
+        sizes = [x.shape[1] for x in x_t_BlC]
+        unit_N = torch.cat([torch.full((n,), j) for j, n in enumerate(sizes)])  # each step token's unit in ks
+        unit_start_N = torch.tensor([bounds[k][0] for k in ks])[unit_N]
+        sees_history_NT = torch.arange(history)[None, :] < unit_start_N[:, None]
+        sees_step_NN = unit_N[:, None] == unit_N[None, :]
+        visible = torch.cat([sees_history_NT, sees_step_NN], dim=1)
+        cond_B1D = self.unit_condition(state.cond, t_B[:, None])
+        v = self.transformer(torch.cat(list(x_t_BlC), dim=1), cond_B1D, bounds[ks[0]][0], state.cond, mask=visible,
+                             cache=state.cache, store=False).float()
+        return list(v.split(sizes, dim=1))
 
     def commit(self, k: int, x_clean_BlC: torch.Tensor, state: XARStepState) -> XARStepState:
         """Unit ``k`` is finished (clean tokens (R, n_k, Ct)): its clean pass (t = 0, attending to the units before

@@ -149,7 +149,7 @@ class FlowSpeculativeMixin(DrafterFoldersMixin):
 
         Args:
             sampling: the call's resolved sampling settings (``drafter``, ``num_steps``, ``gamma``,
-                ``prefill_fraction``, ``rejection_rounds``).
+                ``prefill_fraction``, ``rejection_rounds``, ``verification``).
             drafter: the ``drafter`` given at call time (None: the saved one, relative to the pipeline folder).
             condition_inputs: ``prompt``, ``class_labels``, ``num_images_per_prompt``, ``unconditional`` of the call
                 (the drafter encodes them with its own text encoder).
@@ -174,8 +174,11 @@ class FlowSpeculativeMixin(DrafterFoldersMixin):
         given = drafter is not None and drafter != self.sampling_defaults()["drafter"]
         draft_pipe = self.drafter_pipeline(sampling["drafter"], given, "cspd")
         draft_cond, _ = draft_pipe.encode_condition(**condition_inputs)
+        if sampling["verification"] == "window" and not hasattr(self.transformer, "velocity_window"):
+            raise UserError(f"--verification window needs a model that verifies several units in one pass (xAR); "
+                            f"{family} verifies unit by unit: use --verification unit")
         settings = CSpDSettings(gamma=sampling["gamma"], prefill_fraction=sampling["prefill_fraction"],
-                                rejection_rounds=sampling["rejection_rounds"])
+                                rejection_rounds=sampling["rejection_rounds"], verification=sampling["verification"])
         out = generate_cspd(self.transformer, draft_pipe.transformer, cond, draft_cond, batch_size, time_grid,
                             integrator, settings, **guidance)
         self.speculative_stats = out.stats

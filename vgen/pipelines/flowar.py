@@ -82,7 +82,8 @@ class FlowARPipeline(FlowSpeculativeMixin, VGenPipeline):
     def __init__(self, vae, transformer: FlowAR, text_encoder=None, default_guidance_scale: float = 2.4,
                  default_guidance_interval: float = 0.9, default_num_steps: int = 25,
                  default_flow_sampler: str = "ode", default_speculative: str = "none", default_drafter: str = "",
-                 default_gamma: int = 4, default_prefill_fraction: float = 0.05, default_rejection_rounds: int = 32):
+                 default_gamma: int = 4, default_prefill_fraction: float = 0.05, default_rejection_rounds: int = 32,
+                 default_verification: str = "unit"):
         super().__init__()
         check_continuous_autoencoder(vae, transformer)
         self.register_modules(vae=vae, transformer=transformer, text_encoder=text_encoder)
@@ -92,7 +93,8 @@ class FlowARPipeline(FlowSpeculativeMixin, VGenPipeline):
                                         flow_sampler=default_flow_sampler, speculative=default_speculative,
                                         drafter=default_drafter, gamma=default_gamma,
                                         prefill_fraction=default_prefill_fraction,
-                                        rejection_rounds=default_rejection_rounds)
+                                        rejection_rounds=default_rejection_rounds,
+                                        verification=default_verification)
 
     def units_mismatch(self, theirs: FlowAR, path) -> str | None:
         """Why the drafter FlowAR ``theirs`` does not generate this model's scales and token channels (or None)."""
@@ -151,6 +153,7 @@ class FlowARPipeline(FlowSpeculativeMixin, VGenPipeline):
         gamma: int | None = None,
         prefill_fraction: float | None = None,
         rejection_rounds: int | None = None,
+        verification: str | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -178,6 +181,8 @@ class FlowARPipeline(FlowSpeculativeMixin, VGenPipeline):
             gamma, prefill_fraction, rejection_rounds: CSpD's units drafted per round, the fraction of scales the
                 target generates first, and the proposals per rejected unit (:class:`vgen.samplers.cspd.
                 CSpDSettings`).
+            verification: CSpD's verification, ``"unit"`` only for FlowAR (``"window"``, several units in one
+                target pass, is xAR's).
                 Every knob left at None takes the model's saved setting (:meth:`sampling_defaults`).
             generator: one ``torch.Generator`` per image (images independent of batch size) or a single one.
             output_type: ``"pil"``, ``"np"`` (B, H, W, 3) floats in [0, 1], ``"pt"`` (B, 3, H, W) in [0, 1] or
@@ -204,7 +209,7 @@ class FlowARPipeline(FlowSpeculativeMixin, VGenPipeline):
         sampling = self.resolve_sampling(guidance_scale=guidance_scale, guidance_interval=guidance_interval,
                                          num_steps=num_steps, flow_sampler=flow_sampler, speculative=speculative,
                                          drafter=drafter, gamma=gamma, prefill_fraction=prefill_fraction,
-                                         rejection_rounds=rejection_rounds)
+                                         rejection_rounds=rejection_rounds, verification=verification)
         cond, _captions = self.encode_condition(prompt, class_labels, num_images_per_prompt, unconditional)
         batch_size = cond.batch_size
         common = dict(guidance_scale=sampling["guidance_scale"], guidance_schedule=WeightRampCFG(),

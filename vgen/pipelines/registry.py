@@ -248,6 +248,10 @@ FLOW_SPECULATIVE_OPTIONS = (
                    "cspd: fraction rho of the AR units the target generates before drafting starts (ceil(rho K))"),
     SamplingOption("rejection_rounds", positive_int, 32,
                    "cspd: proposals from the target's last transition per rejected unit before it keeps the last one"),
+    SamplingOption("verification", one_of("unit", "window"), "unit",
+                   "cspd: 'unit' (each drafted unit verified against the committed ones, none discarded) or 'window' "
+                   "(xAR: the drafted units verified together, one target pass per SDE step, kept up to the batch's "
+                   "first rejection)", metavar="unit|window"),
 )
 
 #: the knobs of FlowAR's flow sampling (Euler ODE per scale, CFG ramp over the scales with a flow-time interval)

@@ -35,7 +35,7 @@ from vgen.errors import UserError
 
 #: the knobs of speculative decoding (the rest of a call's sampling settings belong to the family)
 SPECULATIVE_KNOBS = ("speculative", "drafter", "gamma", "window", "pool_k", "delta", "tau", "radius", "draft_rows",
-                     "island_lag", "upsampler", "prefill_fraction", "rejection_rounds")
+                     "island_lag", "upsampler", "prefill_fraction", "rejection_rounds", "verification")
 #: knobs that hold folder paths (saved relative to the pipeline folder)
 PATH_KNOBS = ("drafter", "upsampler")
 #: methods that cannot run without a drafter

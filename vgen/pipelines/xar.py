@@ -82,7 +82,8 @@ class XARPipeline(FlowSpeculativeMixin, VGenPipeline):
 
     def __init__(self, vae, transformer: XAR, text_encoder=None, default_guidance_scale: float = 2.7,
                  default_num_steps: int = 40, default_speculative: str = "none", default_drafter: str = "",
-                 default_gamma: int = 4, default_prefill_fraction: float = 0.05, default_rejection_rounds: int = 32):
+                 default_gamma: int = 4, default_prefill_fraction: float = 0.05, default_rejection_rounds: int = 32,
+                 default_verification: str = "unit"):
         super().__init__()
         check_continuous_autoencoder(vae, transformer, family="xAR")
         self.register_modules(vae=vae, transformer=transformer, text_encoder=text_encoder)
@@ -90,7 +91,8 @@ class XARPipeline(FlowSpeculativeMixin, VGenPipeline):
         self.register_sampling_defaults(guidance_scale=default_guidance_scale, num_steps=default_num_steps,
                                         speculative=default_speculative, drafter=default_drafter,
                                         gamma=default_gamma, prefill_fraction=default_prefill_fraction,
-                                        rejection_rounds=default_rejection_rounds)
+                                        rejection_rounds=default_rejection_rounds,
+                                        verification=default_verification)
 
     def units_mismatch(self, theirs: XAR, path) -> str | None:
         """Why the drafter xAR ``theirs`` does not generate this model's units (the same entity over the same
@@ -146,6 +148,7 @@ class XARPipeline(FlowSpeculativeMixin, VGenPipeline):
         gamma: int | None = None,
         prefill_fraction: float | None = None,
         rejection_rounds: int | None = None,
+        verification: str | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -171,6 +174,9 @@ class XARPipeline(FlowSpeculativeMixin, VGenPipeline):
             gamma, prefill_fraction, rejection_rounds: CSpD's units drafted per round, the fraction of units the
                 target generates first, and the proposals per rejected unit (:class:`vgen.samplers.cspd.
                 CSpDSettings`).
+            verification: CSpD's ``"unit"`` (each drafted cell verified against the committed ones, none
+                discarded) or ``"window"`` (the drafted cells verified together, one target pass per SDE step, kept
+                up to the batch's first rejection: fewer, larger target passes).
                 Every knob left at None takes the model's saved setting (:meth:`sampling_defaults`).
             generator: one ``torch.Generator`` per image (images independent of batch size) or a single one (see
                 :mod:`vgen.pipelines.base`: seeded ``s``, image i gets the stream of seed ``s + i``).
@@ -197,7 +203,7 @@ class XARPipeline(FlowSpeculativeMixin, VGenPipeline):
         self.check_output_type(output_type)
         sampling = self.resolve_sampling(guidance_scale=guidance_scale, num_steps=num_steps, speculative=speculative,
                                          drafter=drafter, gamma=gamma, prefill_fraction=prefill_fraction,
-                                         rejection_rounds=rejection_rounds)
+                                         rejection_rounds=rejection_rounds, verification=verification)
         cond, _captions = self.encode_condition(prompt, class_labels, num_images_per_prompt, unconditional)
         batch_size = cond.batch_size
         # xAR's CFG: the ramp over the units, at every step (no flow-time interval); the same for CSpD
