@@ -5,8 +5,9 @@
 # command takes that lock on its own (flock), so other jobs can run between them; times go to runs/<name>.time.
 #   bash configs/shapes/train_raster.sh                      # everything
 #   bash configs/shapes/train_raster.sh raster_s2_64          # one run (the tokenizer must exist)
-# FID_SAMPLES / GENEVAL_IMAGES (per prompt) make the evaluation smaller, LOCK is the lock file ("" = no lock), VGEN the
-# command (default: vgen on the PATH).
+# FID_SAMPLES / GENEVAL_IMAGES (per prompt) make the evaluation smaller, TRAIN_SET overrides config values of every
+# generator run (e.g. TRAIN_SET="train.steps=1000 train.max_seconds=3600": the same steps for every run whatever the
+# load on the machine), LOCK is the lock file ("" = no lock), VGEN the command (default: vgen on the PATH).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1
@@ -14,6 +15,7 @@ LOCK=${LOCK-}
 VGEN=${VGEN:-vgen}
 FID_SAMPLES=${FID_SAMPLES:-5000}
 GENEVAL_IMAGES=${GENEVAL_IMAGES:-4}
+read -r -a TRAIN_SET <<< "${TRAIN_SET:-}"
 RUNS=("$@")
 [ ${#RUNS[@]} -gt 0 ] || RUNS=(raster_s1_64 raster_s2_64 raster_s4_64 raster_s1_128 raster_s2_128 raster_s4_128)
 
@@ -32,7 +34,8 @@ for name in "${RUNS[@]}"; do
     ref=runs/eval/shapes_fid_ref_${res}.npz
     mkdir -p "runs/eval/$name"
     [ -f "runs/$name/final/model_index.json" ] ||
-        heavy "$name" "$VGEN" train raster-ar --config "configs/shapes/$name.yaml" --out "runs/$name" --no-progress
+        heavy "$name" "$VGEN" train raster-ar --config "configs/shapes/$name.yaml" --out "runs/$name" --no-progress \
+            ${TRAIN_SET[@]+--set "${TRAIN_SET[@]}"}
     heavy "$name" "$VGEN" eval geneval --metadata shapes --images-per-prompt "$GENEVAL_IMAGES" --model "runs/$name/final" \
         --out "runs/eval/$name/geneval" --batch-size 64 > "runs/eval/$name/geneval.json"
     heavy "$name" "$VGEN" sample --model "runs/$name/final" --metadata shapes --num-samples "$FID_SAMPLES" \
