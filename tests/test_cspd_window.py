@@ -8,7 +8,8 @@ import math
 
 import pytest
 import torch
-from vgen.samplers.cspd import ACCEPTED, FALLBACK, PREFILLED, RESAMPLED, CSpDSettings, generate_cspd, surrogate_log_ratio
+from vgen.samplers.cspd import (ACCEPTED, FALLBACK, PREFILLED, RESAMPLED, CSpDSettings, generate_cspd,
+                               surrogate_log_ratio)
 from vgen.samplers.flow_grids import xar_time_grid
 from vgen.samplers.flow_transitions import EulerMaruyamaSDE
 from vgen.samplers.flow_units import generate_flow_units

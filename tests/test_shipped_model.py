@@ -81,3 +81,39 @@ def test_missing_default_model_is_one_clear_line(monkeypatch, tmp_path, capsys):
     assert main(["generate", "a photo of a red circle", "--out", str(tmp_path / "g.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no default model is shipped" in err[0] and "--model DIR" in err[0]
+
+
+def test_raster_model_is_shipped_by_name_within_the_budgets_and_predicts_shapes_codes(tmp_path, monkeypatch):
+    """``shapes-raster`` (configs/shapes/ship_raster_model.py): the best raster AR of the Token-Shuffle comparison.
+    Its teacher-forced loss on fresh Shapes renders is 3.45 nats per code (measured; chance is ln 1024 = 6.93), so a
+    model that lost its training fails the bound. A folder of that name in the working directory wins."""
+    from vgen.data.shapes import ShapesDataset
+    from vgen.errors import UserError
+    from vgen.pipelines import ASSETS_BUDGET_BYTES, ASSETS_DIR, SHIPPED_MODELS, resolve_model_dir
+
+    shipped = SHIPPED_MODELS["shapes-raster"]
+    assert resolve_model_dir("shapes-raster") == shipped and resolve_model_dir("shapes-var") == DEFAULT_MODEL_DIR
+    assert sum(p.stat().st_size for p in shipped.rglob("*.safetensors")) <= DEFAULT_MODEL_BUDGET_BYTES
+    assert sum(p.stat().st_size for p in ASSETS_DIR.rglob("*") if p.is_file()) <= ASSETS_BUDGET_BYTES
+    pipe, model_dir = load_pipeline("shapes-raster", "cpu")
+    assert model_dir == shipped and type(pipe).__name__ == "RasterARPipeline"
+    assert {p.dtype for p in pipe.transformer.parameters()} == {torch.float32}
+    data = ShapesDataset(resolution=64, length=32, seed=7)
+    images = torch.stack([data[i]["image"] for i in range(32)])
+    with torch.no_grad():
+        codes = pipe.vqvae.encode(images).idx
+        cond, _ = pipe.encode_condition([data[i]["caption"] for i in range(32)], None, 1, False)
+        logits = pipe.transformer(codes, cond=cond)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 2), pipe.transformer.to_units(codes).flatten())
+    assert float(loss) < 4.0, float(loss)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(prompt="a photo of a red circle", generator=[torch.Generator().manual_seed(0)]).images[0]
+    assert image.size == (64, 64)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shapes-raster").mkdir()
+    try:
+        load_pipeline("shapes-raster", "cpu")
+    except UserError as err:
+        assert "is not a saved pipeline" in str(err)
+    else:
+        raise AssertionError("a local folder named shapes-raster must win over the shipped model")

@@ -281,8 +281,8 @@ class FullKVCache(KVCache):
 
     def _attend_visible(self, layer, q_BHlc, k_BHlc, v_BHlc, visible, store, causal, return_lse, scale):
         if store or causal or return_lse or self.backend == "kernels" or self._uniform is None:
-            raise ValueError("a visible mask needs a step that stores nothing, rows of equal length, the sdpa backend, "
-                             "no causal step and no return_lse")
+            raise ValueError("a visible mask needs a step that stores nothing, rows of equal length, the sdpa "
+                             "backend, no causal step and no return_lse")
         history, n = self._uniform, k_BHlc.shape[2]
         if tuple(visible.shape) != (n, history + n):
             raise ValueError(f"visible must be (l={n}, T={history + n}) booleans, got {tuple(visible.shape)}")

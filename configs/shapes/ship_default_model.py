@@ -11,16 +11,15 @@ trained, its measured scores, licence, how to load it). Refuses a result over th
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
-import torch
 from vgen.samplers.guidance import parse_guidance_profile
 
 from vgen.errors import UserError
 from vgen.pipelines import DEFAULT_MODEL_BUDGET_BYTES, DEFAULT_MODEL_DIR, load_pipeline
 from vgen.pipelines.model_card import ModelCardInfo, Score
+from vgen.pipelines.shipping import ship_pipeline
 
 GENEVAL_HOW = ("553 Shapes-GenEval prompts x 4 images (seeds 0-2211), exact Shapes detector: `vgen eval geneval "
                "--metadata shapes --images-per-prompt 4 --out G`")
@@ -80,22 +79,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
     pipe.register_to_config(**{f"default_{k}": v for k, v in defaults.items() if v is not None})
-    pipe.register_to_config(_name_or_path="vgen-shapes-default")  # not the training run's local path
-    for name in ("vqvae", "transformer", "text_encoder"):
-        getattr(pipe, name).register_to_config(_name_or_path=f"vgen-shapes-default/{name}")
-    pipe.model_card = default_model_card()
     out = Path(args.out)
-    staging = out.with_name(out.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    pipe.save_pretrained(str(staging), dtype=torch.float16)
-    size = sum(p.stat().st_size for p in staging.rglob("*.safetensors"))
-    if size > DEFAULT_MODEL_BUDGET_BYTES:
-        shutil.rmtree(staging)
-        print(f"error: the weights take {size / 1e6:.1f} MB, over the {DEFAULT_MODEL_BUDGET_BYTES / 1e6:.0f} MB budget; "
-              "ship a smaller model", file=sys.stderr)
+    try:
+        size = ship_pipeline(pipe, out, "vgen-shapes-default", default_model_card(), DEFAULT_MODEL_BUDGET_BYTES)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
     print(f"shipped {args.model} -> {out}: {size / 1e6:.1f} MB of fp16 weights, sampling defaults "
           f"{ {k: v for k, v in pipe.config.items() if k.startswith('default_')} }")
     return 0

@@ -39,7 +39,8 @@ def register(subparsers) -> None:
     )
     parser.add_argument("prompt", nargs="*", help="prompt(s) for text-conditional models (quote each prompt)")
     parser.add_argument("--model", default=None,
-                        help="pipeline folder (model_index.json); default: the model shipped with vgen")
+                        help="pipeline folder (model_index.json) or a shipped model (shapes-var, shapes-raster); "
+                             "default: the model shipped with vgen (shapes-var)")
     parser.add_argument("--class-label", type=int, nargs="+", default=None, metavar="N",
                         help="class id(s) for class-conditional models")
     parser.add_argument("--unconditional", action="store_true",

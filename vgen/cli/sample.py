@@ -113,7 +113,8 @@ def register(subparsers) -> None:
         "-m vgen sample --num-samples N ...' makes the same images as one process. Existing images are skipped (resume).",
     )
     parser.add_argument("--model", default=None,
-                        help="saved pipeline folder (model_index.json); default: the model shipped with vgen")
+                        help="saved pipeline folder (model_index.json) or a shipped model (shapes-var, "
+                             "shapes-raster); default: the model shipped with vgen (shapes-var)")
     parser.add_argument(
         "--num-samples",
         "--n",

@@ -8,10 +8,16 @@ from pathlib import Path
 
 from vgen.errors import UserError
 
+ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 #: Where the packaged default pipeline folder (``model_index.json`` + component folders) lives once one ships.
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "default_model"
-#: Most bytes of weights the packaged default model may take (it ships inside every install).
+DEFAULT_MODEL_DIR = ASSETS_DIR / "default_model"
+#: Most bytes of weights a packaged model may take (it ships inside every install).
 DEFAULT_MODEL_BUDGET_BYTES = 25 * 10**6
+#: Most bytes of everything under vgen/assets together (a wheel must fit the usual 100 MB upload limit).
+ASSETS_BUDGET_BYTES = 90 * 10**6
+#: The models shipped inside the package, by the name ``--model`` takes for them (an existing folder of that name
+#: wins): the default text-to-image VAR and the best raster AR of the Token-Shuffle comparison.
+SHIPPED_MODELS = {"shapes-var": DEFAULT_MODEL_DIR, "shapes-raster": ASSETS_DIR / "raster_model"}
 
 
 def default_model_dir() -> Path:
@@ -26,8 +32,18 @@ def default_model_dir() -> Path:
 
 
 def resolve_model_dir(model: str | Path | None) -> Path:
-    """``--model`` as a path or, when it is omitted, the shipped default (see :func:`default_model_dir`)."""
-    return Path(model) if model is not None else default_model_dir()
+    """``--model`` as a path, the name of a shipped model (:data:`SHIPPED_MODELS`, when no folder of that name
+    exists) or, when it is omitted, the shipped default (see :func:`default_model_dir`)."""
+    if model is None:
+        return default_model_dir()
+    path = Path(model)
+    if not path.exists() and str(model) in SHIPPED_MODELS:
+        shipped = SHIPPED_MODELS[str(model)]
+        if not (shipped / "model_index.json").is_file():
+            raise UserError(f"the shipped model {model} is not in this vgen installation ({shipped} is missing); "
+                            "reinstall vgen or pass --model DIR")
+        return shipped
+    return path
 
 
 def register_with_diffusers() -> None:
@@ -46,7 +62,8 @@ def pipeline_class_name(model_dir: Path) -> str:
     from vgen.pipelines.folder_check import INDEX_FILE, read_json_object
 
     if not model_dir.is_dir():
-        raise UserError(f"model folder not found: {model_dir} (pass a pipeline folder saved by vgen)")
+        raise UserError(f"model folder not found: {model_dir} (pass a pipeline folder saved by vgen, or a shipped "
+                        f"model: {', '.join(SHIPPED_MODELS)})")
     if not (model_dir / INDEX_FILE).is_file():
         raise UserError(f"{model_dir} is not a saved pipeline (no {INDEX_FILE}); give a folder saved by vgen")
     index = read_json_object(model_dir / INDEX_FILE, "the pipeline index")

@@ -1,0 +1,51 @@
+"""Copy a trained pipeline into the package (``vgen/assets/``): fp16 weights, a model card, names that do not point
+at the training run's folders, and the size budgets checked before anything is replaced."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from vgen.errors import UserError
+from vgen.pipelines import ASSETS_BUDGET_BYTES, ASSETS_DIR, DEFAULT_MODEL_BUDGET_BYTES
+from vgen.pipelines.model_card import ModelCardInfo
+
+
+def weights_bytes(folder: Path) -> int:
+    """Bytes of the safetensors files under ``folder`` (0 when it does not exist)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*.safetensors"))
+
+
+def ship_pipeline(pipe, out: str | Path, name: str, card: ModelCardInfo,
+                  budget_bytes: int = DEFAULT_MODEL_BUDGET_BYTES) -> int:
+    """Save ``pipe`` to ``out`` in fp16 with ``card`` as its README and ``name`` as its ``_name_or_path`` (and
+    ``name/<component>`` for each component). The folder is written next to ``out`` first and replaces it only when
+    its weights fit ``budget_bytes`` and, for a folder under vgen/assets, everything there stays within
+    :data:`ASSETS_BUDGET_BYTES`; else :class:`UserError` and ``out`` is left as it was. Returns the weights' bytes."""
+    out = Path(out)
+    pipe.register_to_config(_name_or_path=name)
+    for component, _ in pipe.components.items():
+        module = getattr(pipe, component)
+        if module is not None and hasattr(module, "register_to_config"):
+            module.register_to_config(_name_or_path=f"{name}/{component}")
+    pipe.model_card = card
+    staging = out.with_name(out.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    pipe.save_pretrained(str(staging), dtype=torch.float16)
+    size = weights_bytes(staging)
+    if size > budget_bytes:
+        shutil.rmtree(staging)
+        raise UserError(f"the weights take {size / 1e6:.1f} MB, over the {budget_bytes / 1e6:.0f} MB budget of a "
+                        "shipped model; ship a smaller model")
+    if out.resolve().parent == ASSETS_DIR.resolve():
+        others = sum(p.stat().st_size for p in ASSETS_DIR.rglob("*") if p.is_file()
+                     and staging not in p.parents and out.resolve() not in p.resolve().parents)
+        if others + size > ASSETS_BUDGET_BYTES:
+            shutil.rmtree(staging)
+            raise UserError(f"vgen/assets would hold {(others + size) / 1e6:.1f} MB, over its "
+                            f"{ASSETS_BUDGET_BYTES / 1e6:.0f} MB budget; ship a smaller model")
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    return size
