@@ -120,10 +120,16 @@ def test_mixed_per_row_outcomes_leave_each_rows_caches_consistent(guidance_scale
                         generators=gens(3), log_ratio=pattern_ratio(pattern))
     assert torch.equal(out.source_BK == ACCEPTED, pattern)
     assert torch.equal(out.stats.accepted, pattern.sum(1))
+    assert_caches_hold_the_committed_units(out, target, draft, labels, guided)
+
+
+def assert_caches_hold_the_committed_units(out, target, draft, labels, guided):
+    """Both models' caches after CSpD hold each row's committed units: the keys/values of a fresh target-only
+    prefill and commit of ``out.units``."""
     for model, state, cond in ((target, out.target_state, target.class_condition(labels)),
                                (draft, out.draft_state, draft.class_condition(labels))):
         if guided:
-            cond = model.concat_conditions(cond, model.null_condition(3))
+            cond = model.concat_conditions(cond, model.null_condition(len(labels)))
         want = expected_cache(model, cond, out.units, guided)
         assert torch.equal(state.cache.lengths_B, want.lengths_B)
         for b, length in enumerate(want.lengths_B.tolist()):

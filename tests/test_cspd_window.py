@@ -15,7 +15,7 @@ from vgen.samplers.flow_transitions import EulerMaruyamaSDE
 from vgen.samplers.flow_units import generate_flow_units
 
 from cspd_toys import ToyMixtureFlow, mismatched_draft, two_mode_target
-from test_cspd_sampler import expected_cache
+from test_cspd_sampler import assert_caches_hold_the_committed_units
 from test_cspd_toy import CASES, close_to_target, flat
 from test_flowar_pipeline import tiny_flowar
 from test_xar_model import CONFIGS, tiny
@@ -119,15 +119,7 @@ def test_rows_keep_units_up_to_the_batchs_first_rejection_and_caches_hold_the_co
     assert stats.drafted.tolist() == [3 + 2 + 1, 4 + 1 + 1, 2 + 2 + 1]
     assert stats.accepted.tolist() == [2 + 2 + 1, 4 + 0 + 1, 1 + 2 + 0]
     assert stats.discarded.tolist() == [0 + 1 + 0, 2 + 0 + 0, 0 + 1 + 0]
-    for model, state, cond in ((target, out.target_state, target.class_condition(labels)),
-                               (draft, out.draft_state, draft.class_condition(labels))):
-        if guided:
-            cond = model.concat_conditions(cond, model.null_condition(3))
-        want = expected_cache(model, cond, out.units, guided)
-        assert torch.equal(state.cache.lengths_B, want.lengths_B)
-        length = int(want.lengths_B[0])
-        torch.testing.assert_close(state.cache.k[:, :, :, :length], want.k[:, :, :, :length], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(state.cache.v[:, :, :, :length], want.v[:, :, :, :length], atol=1e-5, rtol=1e-5)
+    assert_caches_hold_the_committed_units(out, target, draft, labels, guided)
     for unit in out.units:
         assert torch.isfinite(unit).all()
 

@@ -19,7 +19,7 @@ from vgen.samplers.guidance import parse_guidance_profile
 from vgen.errors import UserError
 from vgen.pipelines import DEFAULT_MODEL_BUDGET_BYTES, DEFAULT_MODEL_DIR, load_pipeline
 from vgen.pipelines.model_card import ModelCardInfo, Score
-from vgen.pipelines.shipping import ship_pipeline
+from vgen.pipelines.shipping import OWN_WEIGHTS, ship_pipeline
 
 GENEVAL_HOW = ("553 Shapes-GenEval prompts x 4 images (seeds 0-2211), exact Shapes detector: `vgen eval geneval "
                "--metadata shapes --images-per-prompt 4 --out G`")
@@ -50,10 +50,7 @@ def default_model_card() -> ModelCardInfo:
             Score("Shapes-FID", 1.84, FID_HOW + "; the saved sampling defaults"),
             Score("Shapes-FID, VAR's ramp at CFG 1.5", 0.87, FID_HOW),
         ],
-        license="apache-2.0",
-        license_note="the weights were trained by vgen's authors on data vgen generates, and are released under "
-        "vgen's licence",
-        source="vgen's own training runs (configs/shapes/README.md)",
+        **OWN_WEIGHTS,
     )
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from vgen.errors import UserError
 from vgen.pipelines import SHIPPED_MODELS, load_pipeline
 from vgen.pipelines.model_card import ModelCardInfo, Score
-from vgen.pipelines.shipping import ship_pipeline
+from vgen.pipelines.shipping import OWN_WEIGHTS, ship_pipeline
 
 GENEVAL_HOW = ("553 Shapes-GenEval prompts x 4 images (seeds 0-2211), exact Shapes detector: `vgen eval geneval "
                "--metadata shapes --images-per-prompt 4 --out G`")
@@ -44,10 +44,7 @@ def raster_model_card() -> ModelCardInfo:
                   "0.024, position 0.005, color_attr 0.0; the saved sampling defaults (CFG 3)"),
             Score("Shapes-FID", 28.02, FID_HOW + "; the saved sampling defaults"),
         ],
-        license="apache-2.0",
-        license_note="the weights were trained by vgen's authors on data vgen generates, and are released under "
-        "vgen's licence",
-        source="vgen's own training runs (configs/shapes/README.md)",
+        **OWN_WEIGHTS,
     )
 
 

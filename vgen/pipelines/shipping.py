@@ -13,6 +13,15 @@ from vgen.pipelines import ASSETS_BUDGET_BYTES, ASSETS_DIR, DEFAULT_MODEL_BUDGET
 from vgen.pipelines.model_card import ModelCardInfo
 
 
+#: the licence fields of a card for weights vgen trained itself (``ModelCardInfo(**OWN_WEIGHTS, ...)``)
+OWN_WEIGHTS = dict(
+    license="apache-2.0",
+    license_note="the weights were trained by vgen's authors on data vgen generates, and are released under vgen's "
+    "licence",
+    source="vgen's own training runs (configs/shapes/README.md)",
+)
+
+
 def weights_bytes(folder: Path) -> int:
     """Bytes of the safetensors files under ``folder`` (0 when it does not exist)."""
     return sum(p.stat().st_size for p in Path(folder).rglob("*.safetensors"))
