@@ -117,3 +117,34 @@ def test_raster_model_is_shipped_by_name_within_the_budgets_and_predicts_shapes_
         assert "is not a saved pipeline" in str(err)
     else:
         raise AssertionError("a local folder named shapes-raster must win over the shipped model")
+
+
+def test_ship_pipeline_keeps_the_assets_budget_and_leaves_the_old_folder(tmp_path, monkeypatch):
+    """``ship_pipeline`` into a (stand-in) vgen/assets: refused in one line when the folder would take the assets over
+    their budget, and the folder already there is kept; within the budget it replaces it with fp16 weights."""
+    from vgen.errors import UserError
+    from vgen.pipelines import shipping
+    from vgen.pipelines.model_card import ModelCardInfo
+
+    from test_xar_cspd import pipeline
+
+    assets = tmp_path / "assets"
+    (assets / "other").mkdir(parents=True)
+    (assets / "other" / "weights.bin").write_bytes(b"\0" * 1000)
+    monkeypatch.setattr(shipping, "ASSETS_DIR", assets)
+    out = assets / "model"
+    (out).mkdir()
+    (out / "keep.txt").write_text("old")
+    pipe = pipeline()
+    size = shipping.ship_pipeline(pipe, out, "test-model", ModelCardInfo(title="t", **shipping.OWN_WEIGHTS))
+    assert (out / "model_index.json").is_file() and not (out / "keep.txt").exists()
+    assert size == shipping.weights_bytes(out) > 0
+    (out / "keep.txt").write_text("old")
+    monkeypatch.setattr(shipping, "ASSETS_BUDGET_BYTES", size + 500)  # the other folder's 1000 bytes do not fit
+    try:
+        shipping.ship_pipeline(pipeline(), out, "test-model", ModelCardInfo(title="t"))
+    except UserError as err:
+        assert "vgen/assets would hold" in str(err) and "MB budget; ship a smaller model" in str(err)
+    else:
+        raise AssertionError("over the assets budget must be refused")
+    assert (out / "keep.txt").read_text() == "old" and not (assets / "model.tmp").exists()

@@ -49,12 +49,13 @@ def ship_pipeline(pipe, out: str | Path, name: str, card: ModelCardInfo,
         raise UserError(f"the weights take {size / 1e6:.1f} MB, over the {budget_bytes / 1e6:.0f} MB budget of a "
                         "shipped model; ship a smaller model")
     if out.resolve().parent == ASSETS_DIR.resolve():
-        others = sum(p.stat().st_size for p in ASSETS_DIR.rglob("*") if p.is_file()
-                     and staging not in p.parents and out.resolve() not in p.resolve().parents)
+        replaced = (out.resolve(), staging.resolve())
+        others = sum(p.stat().st_size for p in ASSETS_DIR.resolve().rglob("*")
+                     if p.is_file() and not any(folder in p.parents for folder in replaced))
         if others + size > ASSETS_BUDGET_BYTES:
             shutil.rmtree(staging)
             raise UserError(f"vgen/assets would hold {(others + size) / 1e6:.1f} MB, over its "
-                            f"{ASSETS_BUDGET_BYTES / 1e6:.0f} MB budget; ship a smaller model")
+                            f"{ASSETS_BUDGET_BYTES / 1e6:.1f} MB budget; ship a smaller model")
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     return size
