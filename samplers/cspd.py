@@ -389,15 +389,8 @@ def generate_cspd(
         if j_star < len(marks):
             _cache_restore(t_state, marks[j_star])  # drop the speculative units from k on
         rejected_B = first_reject_B == j_star
-        p_f, q_f = target_transitions[j_star][f], drafts[j_star][1].transitions[f]
-        log_d = log_determinant_factor(drafts[j_star][1].transitions, target_transitions[j_star], drafted[j_star], f)
-        state, source_B = drafted[j_star].clone(), accepted_B.clone()
-        for b in torch.nonzero(rejected_B).flatten().tolist():
-            state[b], source_B[b], trials = _residual_sample(p_f, q_f, b, float(log_d[b]), settings.rejection_rounds,
-                                                             generators, images_B[b : b + 1], drafted[j_star])
-            stats.rejection_trials[b] += trials
-            stats.resampled[b] += int(source_B[b] == RESAMPLED)
-            stats.fallbacks[b] += int(source_B[b] == FALLBACK)
+        state, source_B = _resample_rejected(rejected_B, drafts[j_star][1].transitions, target_transitions[j_star],
+                                             drafted[j_star], f, settings.rejection_rounds, generators, images_B, stats)
         finished = _finish(field_of(target, k, conds[j_star], stats.target_forwards), state, grid, integrator, f)
         rows = rejected_B.to(finished.device).view(-1, *[1] * (finished.dim() - 1))
         clean = torch.where(rows, finished, cleans[j_star])
@@ -462,20 +455,30 @@ def _verify_unit(field_fn, initial: torch.Tensor, trajectory, t_S1: torch.Tensor
             z = transition.sample(noise_of_step.get(i))
     drafted = trajectory.x[f + 1]
     ratio_B = log_ratio(trajectory.transitions[: f + 1], target_transitions, drafted, f)
-    B = drafted.shape[0]
     log_u = torch.log(round_uniform((), generators, images_B, drafted.device).to(torch.float64))
     accept_B = log_u < ratio_B
+    state, source_B = _resample_rejected(~accept_B, trajectory.transitions, target_transitions, drafted, f, rounds,
+                                         generators, images_B, stats)
+    return _finish(field_fn, state, t_S1, integrator, f), source_B, ratio_B
+
+
+def _resample_rejected(rejected_B: torch.Tensor, draft: Sequence[GaussianTransition],
+                       target: Sequence[GaussianTransition], drafted: torch.Tensor, f: int, rounds: int,
+                       generators: Generators, images_B: torch.Tensor, stats: CSpDStats
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The drafted state (B, ...) with each rejected row's replaced by a residual sample (:func:`_residual_sample`),
+    and the source of every row (B,): :data:`ACCEPTED`, :data:`RESAMPLED` or :data:`FALLBACK`; the rejected rows'
+    counts go to ``stats``."""
     state = drafted.clone()
-    source_B = torch.full((B,), ACCEPTED, dtype=torch.long)
-    log_d = log_determinant_factor(trajectory.transitions, target_transitions, drafted, f)
-    p_f, q_f = target_transitions[f], trajectory.transitions[f]
-    for b in torch.nonzero(~accept_B).flatten().tolist():
-        state[b], source_B[b], trials = _residual_sample(p_f, q_f, b, float(log_d[b]), rounds, generators,
+    source_B = torch.full((drafted.shape[0],), ACCEPTED, dtype=torch.long)
+    log_d = log_determinant_factor(draft, target, drafted, f)
+    for b in torch.nonzero(rejected_B).flatten().tolist():
+        state[b], source_B[b], trials = _residual_sample(target[f], draft[f], b, float(log_d[b]), rounds, generators,
                                                          images_B[b : b + 1], drafted)
         stats.rejection_trials[b] += trials
         stats.resampled[b] += int(source_B[b] == RESAMPLED)
         stats.fallbacks[b] += int(source_B[b] == FALLBACK)
-    return _finish(field_fn, state, t_S1, integrator, f), source_B, ratio_B
+    return state, source_B
 
 
 def _noise_of_step(trajectory, integrator: FlowIntegrator, num_steps: int) -> dict[int, torch.Tensor]:

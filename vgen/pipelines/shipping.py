@@ -35,9 +35,8 @@ def ship_pipeline(pipe, out: str | Path, name: str, card: ModelCardInfo,
     :data:`ASSETS_BUDGET_BYTES`; else :class:`UserError` and ``out`` is left as it was. Returns the weights' bytes."""
     out = Path(out)
     pipe.register_to_config(_name_or_path=name)
-    for component, _ in pipe.components.items():
-        module = getattr(pipe, component)
-        if module is not None and hasattr(module, "register_to_config"):
+    for component, module in pipe.components.items():
+        if hasattr(module, "register_to_config"):
             module.register_to_config(_name_or_path=f"{name}/{component}")
     pipe.model_card = card
     staging = out.with_name(out.name + ".tmp")
