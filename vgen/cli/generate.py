@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 from vgen.errors import UserError
+from vgen.pipelines import SHIPPED_MODELS
 
 #: Images per pipeline call.
 GENERATE_BATCH = 16
@@ -39,7 +40,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("prompt", nargs="*", help="prompt(s) for text-conditional models (quote each prompt)")
     parser.add_argument("--model", default=None,
-                        help="pipeline folder (model_index.json) or a shipped model (shapes-var, shapes-raster); "
+                        help=f"pipeline folder (model_index.json) or a shipped model ({', '.join(SHIPPED_MODELS)}); "
                              "default: the model shipped with vgen (shapes-var)")
     parser.add_argument("--class-label", type=int, nargs="+", default=None, metavar="N",
                         help="class id(s) for class-conditional models")

@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from vgen.pipelines import SHIPPED_MODELS
+
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     """Flags shared with ``vgen eval geneval --model``: seeding, batch size and every declared sampling option."""
@@ -113,8 +115,8 @@ def register(subparsers) -> None:
         "-m vgen sample --num-samples N ...' makes the same images as one process. Existing images are skipped (resume).",
     )
     parser.add_argument("--model", default=None,
-                        help="saved pipeline folder (model_index.json) or a shipped model (shapes-var, "
-                             "shapes-raster); default: the model shipped with vgen (shapes-var)")
+                        help=f"pipeline folder (model_index.json) or a shipped model ({', '.join(SHIPPED_MODELS)}); "
+                             "default: the model shipped with vgen (shapes-var)")
     parser.add_argument(
         "--num-samples",
         "--n",

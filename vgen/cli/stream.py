@@ -1,6 +1,6 @@
 """``vgen stream``: serve the live video demo (one page + a websocket that streams JPEG frames block by block).
 
-    vgen stream                                  # the shipped video model on http://127.0.0.1:8000
+    vgen stream --model runs/video_sf/final      # a trained video model on http://127.0.0.1:8000
     vgen stream --model runs/video_sf/final --port 8080 --max-viewers 8
 
 Open the printed address in a browser: a prompt box, start / stop, the cache mode, SDVG on / off with its threshold,
@@ -22,7 +22,7 @@ EXTRA_MODULES = ("fastapi", "uvicorn", "websockets")
 def register(subparsers) -> None:
     parser = subparsers.add_parser("stream", help="serve the live video demo in the browser (FastAPI + websocket)",
                                    description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="video pipeline folder (default: the shipped video model)")
+    parser.add_argument("--model", default=None, help="video pipeline folder saved by 'vgen train video' (no video model ships with vgen yet)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--max-viewers", type=int, default=4, help="viewers at once; one more is refused (default 4)")

@@ -16,8 +16,9 @@ DEFAULT_MODEL_BUDGET_BYTES = 25 * 10**6
 #: Most bytes of everything under vgen/assets together (a wheel must fit the usual 100 MB upload limit).
 ASSETS_BUDGET_BYTES = 90 * 10**6
 #: The models shipped inside the package, by the name ``--model`` takes for them (an existing folder of that name
-#: wins): the default text-to-image VAR and the best raster AR of the Token-Shuffle comparison.
-SHIPPED_MODELS = {"shapes-var": DEFAULT_MODEL_DIR, "shapes-raster": ASSETS_DIR / "raster_model"}
+#: wins): the default text-to-image VAR, the best raster AR of the Token-Shuffle comparison and the best xAR.
+SHIPPED_MODELS = {"shapes-var": DEFAULT_MODEL_DIR, "shapes-raster": ASSETS_DIR / "raster_model",
+                  "shapes-xar": ASSETS_DIR / "xar_model"}
 
 
 def default_model_dir() -> Path:
