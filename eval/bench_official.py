@@ -14,9 +14,10 @@ Both sides sample with official VAR's settings (``--cfg`` on VAR's linear ramp, 
 ``more_smooth=False``), in fp32 or both under ``torch.autocast`` (``--autocast fp16`` is the official demo's
 setting on GPUs; the greedy check always runs in fp32), and decode the images (the official
 ``autoregressive_infer_cfg`` returns images; vgen's call runs with ``output_type="pt"``). Per batch size the
-official and vgen calls alternate (``--warmup`` untimed rounds, at least one, the last of which measures peak
-memory; then ``--repeats`` timed ones), so load on a shared machine falls on both alike; the JSON reports the median seconds per batch of each, images/s, the peak memory of
-one call, and ``vgen_speedup`` = official seconds / vgen seconds, measured in this one run.
+official and vgen calls alternate (:func:`vgen.eval.official_compare.time_alternately`: ``--warmup`` untimed rounds,
+at least one, the last of which measures peak memory; then ``--repeats`` timed ones), so load on a shared machine
+falls on both alike; the JSON reports the median seconds per batch of each, images/s, the peak memory of one call,
+and ``vgen_speedup`` = official seconds / vgen seconds, measured in this one run.
 
 Same tokens for the same logits: before timing, both samplers run greedily (``top_k=1``) at the smallest batch size
 and the token ids of every scale are compared (the official ids are read at its sampling function); the result is
@@ -27,17 +28,11 @@ image), so only the greedy comparison can check that the logits agree.
 
 from __future__ import annotations
 
-import importlib
-import statistics
 import sys
-import time
-from contextlib import contextmanager, nullcontext, redirect_stdout
-from pathlib import Path
+from contextlib import contextmanager, redirect_stdout
 
 #: the files a checkout of the official VAR repository has (and this module imports)
 OFFICIAL_FILES = ("models/var.py", "models/vqvae.py", "models/helpers.py", "models/basic_var.py", "dist.py")
-#: ``--autocast`` -> the dtype both sides run under ``torch.autocast`` (None: fp32 throughout)
-AUTOCAST_DTYPES = {"none": None, "fp16": "float16", "bf16": "bfloat16"}
 #: the sampling flags of the comparison and their defaults (official VAR's FID settings, fp32)
 OFFICIAL_SAMPLING = {"cfg": 1.5, "top_k": 900, "top_p": 0.96, "autocast": "none"}
 #: the tokenizer settings the official ``VQVAE`` hard-codes (vgen's multi-scale VQ makes them configurable)
@@ -45,32 +40,15 @@ OFFICIAL_VQVAE_FIXED = {"ch_mult": (1, 1, 2, 2, 4), "num_res_blocks": 2, "using_
                         "norm_num_groups": 32, "in_channels": 3}
 
 
-def import_official_var(path: str | Path):
-    """The official ``models`` package of a VAR checkout at ``path`` (its ``VQVAE``, ``VAR`` and the ``models.var``
-    module whose ``sample_with_top_k_top_p_`` the sampler calls). The checkout's top-level modules (``models``,
-    ``dist``, ``utils``) are imported under their own names for as long as the process runs; the official
-    ``build_vae_var`` is never called (it replaces ``reset_parameters`` of torch's layer classes process-wide)."""
-    from vgen.errors import UserError
+def import_official_var(path):
+    """The official ``models`` package of a VAR checkout at ``path`` (its ``VQVAE``, ``VAR``) and the ``models.var``
+    module whose ``sample_with_top_k_top_p_`` the sampler calls, imported by
+    :func:`vgen.eval.official_compare.import_checkout`. The official ``build_vae_var`` is never called (it replaces
+    ``reset_parameters`` of torch's layer classes process-wide)."""
+    from vgen.eval.official_compare import import_checkout
 
-    root = Path(path).expanduser()
-    missing = [name for name in OFFICIAL_FILES if not (root / name).is_file()]
-    if missing:
-        raise UserError(f"--official {path} is not a checkout of the official VAR code (missing "
-                        f"{', '.join(missing)}); clone FoundationVision/VAR and pass its folder")
-    for name in ("models", "dist"):
-        loaded = sys.modules.get(name)
-        if loaded is not None and not str(getattr(loaded, "__file__", "")).startswith(str(root.resolve())):
-            raise UserError(f"a module named {name!r} from {getattr(loaded, '__file__', '?')} is already imported; "
-                            "run the official comparison in a fresh process")
-    sys.path.insert(0, str(root.resolve()))
-    try:
-        models = importlib.import_module("models")
-        var_module = importlib.import_module("models.var")
-    except ImportError as exc:
-        raise UserError(f"the official VAR code at {path} does not import ({exc}); install what its "
-                        "requirements.txt names") from None
-    finally:
-        sys.path.remove(str(root.resolve()))
+    models, var_module = import_checkout(path, family="VAR", repository="FoundationVision/VAR",
+                                         required=OFFICIAL_FILES, modules=("models", "models.var"))
     return models, var_module
 
 
@@ -165,117 +143,61 @@ def greedy_check(pipe, var_o, var_module, batch: int, cfg: float) -> dict:
             "greedy_max_pixel_difference": float((images_o.float().cpu() - images_v.float().cpu()).abs().max())}
 
 
-def run(args) -> int:
-    """``vgen bench sample --official PATH``: see the module docstring. Prints (and with --output writes) JSON."""
-    import json
-
+def run(args, pipe=None, model_name: str | None = None) -> int:
+    """``vgen bench sample --official PATH`` for VAR (``pipe``: the loaded ``--model``; None: ``--random-var``):
+    see the module docstring. Prints (and with --output writes) JSON."""
     import torch
 
     from vgen.devices import resolve_device
     from vgen.errors import UserError
-    from vgen.eval.bench_sample import _batch_sizes, peak_memory
-    from vgen.pipelines import load_pipeline
-    from vgen.pipelines.var import VARPipeline
+    from vgen.eval.official_compare import (check_timing_flags, comparison_report, emit_report, load_average,
+                                            precision, synchronized, time_alternately)
 
-    sizes = _batch_sizes(args.batch_sizes)
-    if args.repeats < 1 or args.warmup < 0:
-        raise UserError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats}, {args.warmup}")
+    load_before = load_average()
+    sizes = check_timing_flags(args)
+    if getattr(args, "num_steps", None) is not None:
+        raise UserError("--num-steps is xAR's; VAR's official comparison samples with --cfg, --top-k and --top-p")
     for flag, default in OFFICIAL_SAMPLING.items():
         if getattr(args, flag) is None:
             setattr(args, flag, default)
-    if args.model and args.random_var:
-        raise UserError("give either --model DIR or --random-var SIZE for the official comparison, not both")
-    if args.model and len(args.model) > 1:
-        raise UserError("the official comparison measures one VAR pipeline: give one --model DIR")
     models, var_module = import_official_var(args.official)
-    if args.random_var:
+    if pipe is None:
         from vgen.models.var import VAR_SIZES
 
         if args.random_var not in VAR_SIZES:
             raise UserError(f"unknown --random-var {args.random_var!r}; choose one of {', '.join(VAR_SIZES)}")
         pipe, model_name = random_var_pipeline(args.random_var, args.seed, resolve_device(args.device)), \
             f"random {args.random_var}"
-    else:
-        if not args.model:
-            raise UserError("the official comparison needs the model: --model DIR (a class-conditional VAR "
-                            "pipeline) or --random-var var-d16")
-        pipe, model_dir = load_pipeline(args.model[0], args.device)
-        model_name = str(model_dir)
-        if not isinstance(pipe, VARPipeline):
-            raise UserError(f"--official compares VAR: {model_dir} holds a {type(pipe).__name__}")
     pipe.set_progress_bar_config(disable=True)
     if args.top_k > pipe.transformer.V:
         raise UserError(f"--top-k {args.top_k} is more than the model's {pipe.transformer.V} codes (the official "
                         "sampler cannot take it): give --top-k at most that, or 0 for no top-k")
     _vae_o, var_o = official_twin(pipe, models)  # the official VAR holds its VQVAE itself
     device = next(var_o.parameters()).device
-
-    autocast = getattr(torch, AUTOCAST_DTYPES[args.autocast]) if AUTOCAST_DTYPES[args.autocast] else None
-
-    def in_precision():
-        """The official demo's mixed precision (``torch.autocast``) for both sides, or plain fp32."""
-        return torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext()
+    in_precision = precision(device, args.autocast)
 
     def official_call(batch: int):
         labels = torch.arange(batch, device=device) % var_o.num_classes
         with in_precision():
-            out = var_o.autoregressive_infer_cfg(B=batch, label_B=labels, g_seed=args.seed, cfg=args.cfg,
-                                                 top_k=args.top_k, top_p=args.top_p)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return out
+            return var_o.autoregressive_infer_cfg(B=batch, label_B=labels, g_seed=args.seed, cfg=args.cfg,
+                                                  top_k=args.top_k, top_p=args.top_p)
 
     def vgen_call(batch: int):
         with in_precision():
-            out = pipe(class_labels=[i % var_o.num_classes for i in range(batch)], guidance_scale=args.cfg,
-                       guidance_profile="ramp", top_k=args.top_k, top_p=args.top_p, more_smooth=False,
-                       generator=[torch.Generator().manual_seed(args.seed + i) for i in range(batch)],
-                       output_type="pt")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return out
+            return pipe(class_labels=[i % var_o.num_classes for i in range(batch)], guidance_scale=args.cfg,
+                        guidance_profile="ramp", top_k=args.top_k, top_p=args.top_p, more_smooth=False,
+                        generator=[torch.Generator().manual_seed(args.seed + i) for i in range(batch)],
+                        output_type="pt")
 
     parity = greedy_check(pipe, var_o, var_module, min(sizes), args.cfg)
-    results = []
-    for batch in sizes:
-        row = {"batch_size": batch}
-        untimed = max(args.warmup, 1)  # the last untimed round also measures each side's peak memory
-        for round_index in range(untimed):
-            for name, call in (("official", official_call), ("vgen", vgen_call)):
-                if round_index < untimed - 1:
-                    call(batch)
-                    continue
-                with peak_memory(device) as memory:
-                    call(batch)
-                row[f"{name}_peak_memory_bytes"] = memory["bytes"]
-        seconds = {"official": [], "vgen": []}
-        for _ in range(args.repeats):
-            for name, call in (("official", official_call), ("vgen", vgen_call)):
-                start = time.perf_counter()
-                call(batch)
-                seconds[name].append(time.perf_counter() - start)
-        for name, values in seconds.items():
-            median = statistics.median(values)
-            row.update({f"{name}_seconds_per_batch": median, f"{name}_images_per_s": batch / median,
-                        f"{name}_seconds_all": values})
-        row["vgen_speedup"] = row["official_seconds_per_batch"] / row["vgen_seconds_per_batch"]
-        results.append(row)
-    out = {
-        "model": model_name,
-        "official_code": str(Path(args.official).expanduser().resolve()),
-        "device": str(device),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "parameters": sum(p.numel() for p in pipe.transformer.parameters()),
+    results = time_alternately({"official": synchronized(official_call, device),
+                                "vgen": synchronized(vgen_call, device)}, sizes, args.warmup, args.repeats, device)
+    family = {
         "sampling": {"cfg": args.cfg, "guidance": "VAR's linear ramp", "top_k": args.top_k, "top_p": args.top_p,
                      "more_smooth": False, "decode": True},
         "autocast": args.autocast,
-        "parity": parity,
-        "results": results,
-        "vgen_speedup_of": "official seconds per batch / vgen seconds per batch, calls alternated in one process",
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
-    return 0
+    return emit_report(comparison_report(
+        model_name=model_name, official=args.official, device=device,
+        parameters=sum(p.numel() for p in pipe.transformer.parameters()), family=family, parity=parity,
+        results=results, load_before=load_before), args.output)

@@ -32,6 +32,8 @@ from contextlib import contextmanager
 
 #: the step methods of :mod:`vgen.samplers.interfaces` whose calls are counted (whichever the generator has)
 STEP_METHODS = ("prefill", "logits_for_scale", "decode", "velocity", "commit")
+#: the flags only the comparison with official code reads (the plain benchmark samples with the saved settings)
+OFFICIAL_ONLY_FLAGS = ("random_var", "random_xar", "cfg", "top_k", "top_p", "num_steps", "autocast")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,18 +49,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="image i of a batch uses seed + i")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--output", default=None, help="also write the JSON to this file")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads (default 0: torch's own choice)")
     official = parser.add_argument_group(
         "comparison with official code",
-        "time vgen against the official VAR code on the same model in one process, calls alternated (the "
-        "checkout is the user's; vgen never ships it); checks first that greedy sampling gives the same tokens")
+        "time vgen against the official code of the model's family (VAR or xAR) on the same model in one process, "
+        "calls alternated (the checkout is the user's; vgen never ships it); checks first that both give the same "
+        "tokens (VAR: greedy token ids; xAR: latents from the same noise)")
     official.add_argument("--official", default=None, metavar="PATH",
-                          help="a checkout of the official VAR repository (FoundationVision/VAR)")
+                          help="a checkout of the official code of the model's family: FoundationVision/VAR for a "
+                               "VAR model, OliverRensu/xAR for an xAR one")
     official.add_argument("--random-var", default=None, metavar="SIZE",
                           help="with --official: random weights of this VAR size (var-d16 ... var-d30) instead of "
                                "--model DIR")
-    official.add_argument("--cfg", type=float, default=None, help="with --official: VAR's cfg (default 1.5)")
-    official.add_argument("--top-k", type=int, default=None, help="with --official: top-k (default 900)")
-    official.add_argument("--top-p", type=float, default=None, help="with --official: top-p (default 0.96)")
+    official.add_argument("--random-xar", default=None, metavar="SIZE",
+                          help="with --official: random weights of this xAR size (xar-tiny: 2 + 2 blocks of width "
+                               "192 on the official 16 x 16 grid of 4 cells, for CPUs; xar-b, xar-l, xar-h) instead "
+                               "of --model DIR")
+    official.add_argument("--cfg", type=float, default=None,
+                          help="with --official: the official cfg (VAR: default 1.5; xAR: the last cell's weight, "
+                               "default the official one of the size, 2.7 for xar-b)")
+    official.add_argument("--top-k", type=int, default=None, help="with --official, VAR: top-k (default 900)")
+    official.add_argument("--top-p", type=float, default=None, help="with --official, VAR: top-p (default 0.96)")
+    official.add_argument("--num-steps", type=int, default=None,
+                          help="with --official, xAR: points of linspace(1, 0.04) per cell (default the official "
+                               "one of the size, 40 for xar-b)")
     official.add_argument("--autocast", choices=("none", "fp16", "bf16"), default=None,
                           help="with --official: run both sides under torch.autocast in this dtype (fp16: the "
                                "official demo's GPU setting; default none = fp32)")
@@ -74,6 +89,18 @@ def _batch_sizes(text: str) -> list[int]:
     if not sizes or min(sizes) < 1:
         raise UserError(f"--batch-sizes must be positive integers, got {text!r}")
     return sizes
+
+
+def apply_threads(threads: int) -> None:
+    """``--threads``: torch's intra-op threads for the rest of the process (0 keeps torch's choice)."""
+    from vgen.errors import UserError
+
+    if threads < 0:
+        raise UserError(f"--threads must be a positive number of threads, or 0 for torch's choice; got {threads}")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 @contextmanager
@@ -226,17 +253,17 @@ def run(args) -> int:
     from vgen.pipelines import load_pipeline
 
     if args.official:
-        from vgen.eval.bench_official import run as run_official
+        from vgen.eval.official_compare import run_official
 
         return run_official(args)
-    given = [f"--{flag.replace('_', '-')}" for flag in ("random_var", "cfg", "top_k", "top_p", "autocast")
-             if getattr(args, flag) is not None]
+    given = [f"--{flag.replace('_', '-')}" for flag in OFFICIAL_ONLY_FLAGS if getattr(args, flag) is not None]
     if given:  # every other pipeline samples with its saved settings
         raise UserError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for the comparison with official "
                         "code: add --official PATH")
     sizes = _batch_sizes(args.batch_sizes)
     if args.repeats < 1 or args.warmup < 0:
         raise UserError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats}, {args.warmup}")
+    apply_threads(args.threads)
     benches = []
     for model in args.model or [None]:
         pipe, model_dir = load_pipeline(model, args.device)
