@@ -74,7 +74,10 @@ def _panel(draw: ImageDraw.ImageDraw, x0: int, title: str, series: list[tuple[st
             fill = ANCHORS.get(label, colour)
             draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=fill)
             text = label if label in ANCHORS else label.split(" ", 1)[-1]
-            draw.text((cx + 6, cy - 12), text, fill=fill, font=small)
+            width = draw.textlength(text, font=small)
+            # right of the point, or left of it where the label would cross the frame
+            tx = cx + 6 if cx + 6 + width <= right else cx - 6 - width
+            draw.text((tx, cy - 12), text, fill=fill, font=small)
 
 
 def plot_speed_quality(reports: dict | Sequence[dict], path: str | Path,
