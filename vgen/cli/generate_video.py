@@ -1,10 +1,11 @@
 """``vgen generate-video``: a video from a saved video pipeline, as .mp4, .gif or a .png frame strip.
 
-    vgen generate-video "a red circle moving right" --frames 48 --out clip.mp4
-    vgen generate-video "a red circle moving right" --frames 64 --cache forcing_kv --out clip.gif
-    vgen generate-video "a red circle moving right" --switch-at 24 "a red circle moving left" --out turn.png
+    vgen generate-video --model runs/video_sf/final "a red circle moving right" --frames 48 --out clip.mp4
+    vgen generate-video --model M "a red circle moving right" --frames 64 --cache forcing_kv --out clip.gif
+    vgen generate-video --model M "a red circle moving right" --switch-at 24 "a red circle moving left" --out turn.png
 
-Without ``--model`` the video model shipped with vgen is used. Video i of ``--n`` uses seed ``--seed + i``. The
+``--model`` is a folder saved by ``vgen train video`` (no video model ships with vgen yet; once one does, it is the
+default). Video i of ``--n`` uses seed ``--seed + i``. The
 resolved settings are written beside the output (``clip.json``). Every sampling flag left out takes the model's
 saved setting. ``.mp4`` needs the optional extra ``pip install 'vgen[video]'``.
 """
@@ -42,7 +43,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("prompt", help="the prompt, e.g. 'a red circle moving right' (quote it)")
     parser.add_argument("--model", default=None,
-                        help="video pipeline folder (model_index.json); default: the video model shipped with vgen")
+                        help="video pipeline folder saved by 'vgen train video' (no video model ships with vgen yet)")
     parser.add_argument("--frames", type=int, default=None,
                         help="frames to generate, a multiple of the model's block size (default: its training length)")
     parser.add_argument("--n", type=int, default=1, help="videos, shown side by side (default 1)")
