@@ -150,11 +150,12 @@ def run(args, pipe=None, model_name: str | None = None) -> int:
 
     from vgen.devices import resolve_device
     from vgen.errors import UserError
-    from vgen.eval.official_compare import (check_timing_flags, comparison_report, emit_report, load_average,
+    from vgen.eval.bench_sample import timing_batch_sizes
+    from vgen.eval.official_compare import (comparison_report, emit_report, load_average,
                                             precision, synchronized, time_alternately)
 
     load_before = load_average()
-    sizes = check_timing_flags(args)
+    sizes = timing_batch_sizes(args)
     if getattr(args, "num_steps", None) is not None:
         raise UserError("--num-steps is xAR's; VAR's official comparison samples with --cfg, --top-k and --top-p")
     for flag, default in OFFICIAL_SAMPLING.items():

@@ -219,12 +219,13 @@ def run(args, pipe=None, model_name: str | None = None) -> int:
 
     from vgen.devices import resolve_device
     from vgen.errors import UserError
-    from vgen.eval.official_compare import (check_timing_flags, comparison_report, emit_report, load_average,
+    from vgen.eval.bench_sample import timing_batch_sizes
+    from vgen.eval.official_compare import (comparison_report, emit_report, load_average,
                                             precision, synchronized, time_alternately)
     from vgen.models.xar_official import official_sampling_defaults
 
     load_before = load_average()
-    sizes = check_timing_flags(args)
+    sizes = timing_batch_sizes(args)
     var_flags = [flag for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p)) if value is not None]
     if var_flags:
         raise UserError(f"{', '.join(var_flags)} {'is' if len(var_flags) == 1 else 'are'} VAR's; xAR's official "

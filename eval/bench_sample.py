@@ -91,6 +91,17 @@ def _batch_sizes(text: str) -> list[int]:
     return sizes
 
 
+def timing_batch_sizes(args) -> list[int]:
+    """The batch sizes of ``--batch-sizes``, once ``--repeats`` and ``--warmup`` are known to be usable (the plain
+    benchmark and the comparison with official code both time with them)."""
+    from vgen.errors import UserError
+
+    sizes = _batch_sizes(args.batch_sizes)
+    if args.repeats < 1 or args.warmup < 0:
+        raise UserError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats}, {args.warmup}")
+    return sizes
+
+
 def apply_threads(threads: int) -> None:
     """``--threads``: torch's intra-op threads for the rest of the process (0 keeps torch's choice)."""
     from vgen.errors import UserError
@@ -260,9 +271,7 @@ def run(args) -> int:
     if given:  # every other pipeline samples with its saved settings
         raise UserError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for the comparison with official "
                         "code: add --official PATH")
-    sizes = _batch_sizes(args.batch_sizes)
-    if args.repeats < 1 or args.warmup < 0:
-        raise UserError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats}, {args.warmup}")
+    sizes = timing_batch_sizes(args)
     apply_threads(args.threads)
     benches = []
     for model in args.model or [None]:

@@ -96,17 +96,6 @@ def patched(owner, name: str, value):
         setattr(owner, name, original)
 
 
-def check_timing_flags(args) -> list[int]:
-    """The batch sizes of ``--batch-sizes``, once ``--repeats`` and ``--warmup`` are known to be usable."""
-    from vgen.errors import UserError
-    from vgen.eval.bench_sample import _batch_sizes
-
-    sizes = _batch_sizes(args.batch_sizes)
-    if args.repeats < 1 or args.warmup < 0:
-        raise UserError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats}, {args.warmup}")
-    return sizes
-
-
 def precision(device, autocast: str):
     """A context factory: both sides under ``torch.autocast`` in the dtype of ``--autocast``, or plain fp32."""
     import torch
