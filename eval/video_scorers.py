@@ -25,7 +25,8 @@ from vgen.data.moving_shapes import parse_motion_caption
 
 
 class MovingShapesFrameScorer:
-    """Caption adherence of every frame (see the module doc); ``detector``: default the exact Shapes detector."""
+    """Caption adherence of every frame (see the module doc); ``detector``: default the exact Shapes detector (any
+    other needs its ``detect(image, colors=...)``: only the caption's colours are looked for)."""
 
     def __init__(self, detector=None):
         if detector is None:
@@ -41,9 +42,11 @@ class MovingShapesFrameScorer:
 
     def frame_score(self, frame_HW3: np.ndarray, prompt: str) -> float:
         """One frame's score in [0, 1]."""
-        detections = self.detector.detect(Image.fromarray(frame_HW3))
+        objects = self._objects(prompt)
+        colors = None if any(color is None for _, color in objects) else {color for _, color in objects}
+        detections = self.detector.detect(Image.fromarray(frame_HW3), colors=colors)
         best = []
-        for shape, color in self._objects(prompt):
+        for shape, color in objects:
             hits = [d.score for d in detections if d.label == shape and (color is None or d.color == color)]
             best.append(max(hits, default=0.0))
         return float(min(best))

@@ -111,3 +111,27 @@ def test_counting_of_touching_free_objects_matches_spec(detector):
     for seed in range(3):
         detections = detector.detect(render_spec(spec, 64, seed).image)
         assert [d.label for d in detections] == ["star"] * 4
+
+
+def _as_tuples(detections):
+    return [(d.label, d.color, d.box, round(d.score, 12), d.mask.tobytes()) for d in detections]
+
+
+def test_colour_filter_returns_the_full_calls_detections_of_those_colours(detector):
+    """``detect(image, colors=...)`` skips the fitting of other colours' objects without changing the rest; on
+    multi-object renders and on a noisy, smeared image with many blobs."""
+    world = ShapesWorld(64, seed=3)
+    rng = np.random.default_rng(0)
+    coarse = rng.uniform(0, 255, (8, 8, 3)).astype(np.uint8)
+    images = [world.sample(i).image for i in range(6)] + [Image.fromarray(coarse).resize((64, 64), Image.BICUBIC)]
+    checked = 0
+    for image in images:
+        full = detector.detect(image)
+        colours = sorted({d.color for d in full})
+        for keep in ([], colours[:1], colours, ["red", "blue"]):
+            expected = [d for d in full if d.color in keep]
+            assert _as_tuples(detector.detect(image, colors=keep)) == _as_tuples(expected)
+            checked += len(expected)
+    assert checked > 10
+    with pytest.raises(ValueError, match="unknown colour"):
+        detector.detect(images[0], colors=["teal"])

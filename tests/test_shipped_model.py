@@ -170,6 +170,8 @@ def test_ship_pipeline_keeps_the_assets_budget_and_leaves_the_old_folder(tmp_pat
     size = shipping.ship_pipeline(pipe, out, "test-model", ModelCardInfo(title="t", **shipping.OWN_WEIGHTS))
     assert (out / "model_index.json").is_file() and not (out / "keep.txt").exists()
     assert size == shipping.weights_bytes(out) > 0
+    card = (out / "README.md").read_text()  # it names the folder it is in, not the staging folder it was written in
+    assert 'load_pipeline("model")' in card and ".tmp" not in card
     (out / "keep.txt").write_text("old")
     monkeypatch.setattr(shipping, "ASSETS_BUDGET_BYTES", size + 500)  # the other folder's 1000 bytes do not fit
     try:
@@ -193,3 +195,13 @@ def test_every_assets_folder_is_a_listed_package_so_wheels_carry_it():
     folders = {".".join(("vgen", "assets", *p.parent.relative_to(ASSETS_DIR).parts)) for p in ASSETS_DIR.rglob("*")
                if p.is_file() and p.parent != ASSETS_DIR and "__pycache__" not in p.parts}
     assert folders and not folders - packages, sorted(folders - packages)
+
+
+def test_shipped_cards_name_their_own_folders():
+    from vgen.pipelines import ASSETS_DIR
+
+    cards = sorted(ASSETS_DIR.glob("*/README.md"))
+    assert len(cards) >= 3
+    for card in cards:
+        text = card.read_text()
+        assert ".tmp" not in text and f'load_pipeline("{card.parent.name}")' in text, card

@@ -254,11 +254,22 @@ def test_ship_script_writes_fp16_weights_with_a_valid_head_profile(tmp_path):
                                                   REPO / "configs" / "moving_shapes" / "ship_video_model.py")
     ship = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ship)
+    from vgen.eval.video_eval import evaluate_video_model
+
     trained = tmp_path / "final"
-    pipe = tiny_pipeline()
-    pipe.save_pretrained(trained)
+    tiny_pipeline().save_pretrained(trained)
+    report = evaluate_video_model(VideoPipeline.from_pretrained(trained), videos=2, lengths=(1,), modes=("full",),
+                                  batch_size=2, workers=1, log=lambda line: None)
+    assert report["settings"]["model"] == str(trained.resolve())
+    (tmp_path / "eval.json").write_text(json.dumps(report))
     out = tmp_path / "shipped"
-    assert ship.main([str(trained), "--out", str(out), "--cache", "forcing_kv"]) == 0
+    assert ship.main([str(trained), "--eval", str(tmp_path / "eval.json"), "--out", str(out),
+                      "--cache", "forcing_kv"]) == 0
+    card = (out / "README.md").read_text()
+    full = next(row for row in report["results"] if row["mode"] == "full")
+    assert f"| caption adherence, full cache | {round(full['caption_adherence'], 4):g} |" in card
+    assert "--model shipped " in card and ".tmp" not in card
+    assert "per-frame Shapes-FID, real renders of the same captions (ceiling)" in card
     from safetensors.torch import load_file
 
     weights = load_file(str(next((out / "transformer").glob("*.safetensors"))))
@@ -267,8 +278,11 @@ def test_ship_script_writes_fp16_weights_with_a_valid_head_profile(tmp_path):
     assert shipped.resolve_sampling()["cache"] == "forcing_kv"
     shipped.head_profile.check_model(shipped.transformer)  # the fp32 profile fits the fp16 copy
     assert "final" not in json.loads((out / "model_index.json").read_text())["_name_or_path"]
+    other = tmp_path / "other"
+    tiny_pipeline().save_pretrained(other)  # a report of another folder is refused
+    assert ship.main([str(other), "--eval", str(tmp_path / "eval.json"), "--out", str(tmp_path / "again")]) == 2
     (trained / "head_profile.json").unlink()
-    assert ship.main([str(trained), "--out", str(tmp_path / "again")]) == 2
+    assert ship.main([str(trained), "--eval", str(tmp_path / "eval.json"), "--out", str(tmp_path / "again")]) == 2
     assert not (tmp_path / "again").exists()
 
 

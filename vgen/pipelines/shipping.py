@@ -10,7 +10,7 @@ import torch
 
 from vgen.errors import UserError
 from vgen.pipelines import ASSETS_BUDGET_BYTES, ASSETS_DIR, DEFAULT_MODEL_BUDGET_BYTES
-from vgen.pipelines.model_card import ModelCardInfo
+from vgen.pipelines.model_card import ModelCardInfo, write_model_card
 
 
 #: the licence fields of a card for weights vgen trained itself (``ModelCardInfo(**OWN_WEIGHTS, ...)``)
@@ -57,4 +57,5 @@ def ship_pipeline(pipe, out: str | Path, name: str, card: ModelCardInfo,
                             f"{ASSETS_BUDGET_BYTES / 1e6:.1f} MB budget; ship a smaller model")
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
+    write_model_card(pipe, out)  # again: the card names the folder it was written in (the staging one)
     return size
