@@ -70,8 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cache", default=None, choices=("full", "sink_window", "forcing_kv"),
                        help="KV cache of every variant (default: the model's saved one)")
     group.add_argument("--scorer", default=None, metavar="SPEC",
-                       help="per-frame scorer: moving_shapes (the exact detector's caption adherence, default) or "
-                            "module:factory")
+                       help="per-frame scorer: moving_shapes (the exact detector's caption adherence, default), "
+                            "moving_shapes_colours (the captioned colours only) or module:factory")
     group.add_argument("--world-seed", type=int, default=None,
                        help="seed of the Moving Shapes world the captions and real renders come from (default 1)")
     group.add_argument("--workers", type=int, default=None,

@@ -245,10 +245,13 @@ class ShapesDetector:
 
     # ---------------------------------------------------------------------------------------------- detection
 
-    def detect(self, image: Image.Image, colors: Collection[str] | None = None) -> list[Detection]:
+    def detect(self, image: Image.Image, colors: Collection[str] | None = None,
+               fit_shapes: bool = True) -> list[Detection]:
         """Every object in ``image``. ``colors``: palette colour names to look for; objects of other colours are
         neither fitted nor returned (the result is the full call's detections of those colours, at a fraction of the
-        cost when a caller needs only some colours, e.g. a caption's)."""
+        cost when a caller needs only some colours, e.g. a caption's). ``fit_shapes=False`` skips step 4: each
+        detection's label is ``""`` and its score the colour part of step 5 (purity and isolation, IoU taken as 1),
+        for callers that ask only which colours are present as clean, separate blobs; most of the cost is step 4."""
         if colors is not None:
             unknown = sorted(set(colors) - set(COLOR_NAMES))
             if unknown:
@@ -268,12 +271,12 @@ class ShapesDetector:
             areas = np.bincount(components.ravel())
             for index, slices in enumerate(ndimage.find_objects(components), 1):
                 if areas[index] >= min_area:
-                    detections.append(
-                        self._describe(components, index, slices, int(color_index), alpha, residual, labels, looks_bg)
-                    )
+                    detections.append(self._describe(components, index, slices, int(color_index), alpha, residual,
+                                                     labels, looks_bg, fit_shapes))
         return detections
 
-    def _describe(self, components, index, slices, color_index, alpha, residual, labels, looks_bg) -> Detection:
+    def _describe(self, components, index, slices, color_index, alpha, residual, labels, looks_bg,
+                  fit_shapes: bool = True) -> Detection:
         h, w = components.shape
         pad = 4
         y0, y1 = max(slices[0].start - pad, 0), min(slices[0].stop + pad, h)
@@ -286,7 +289,7 @@ class ShapesDetector:
         ok = near & ~other & (residual[color_index, y0:y1, x0:x1] < self.max_residual)
         soft = np.clip(alpha[color_index, y0:y1, x0:x1], 0.0, 1.0)
         soft = np.where(ok & (soft >= NOISE_FLOOR), soft, 0.0).astype(np.float32)
-        fit = self.fit_shape(downscale_coverage(soft, self.fit_extent))
+        fit = self.fit_shape(downscale_coverage(soft, self.fit_extent)) if fit_shapes else ShapeFit("", 1.0, 0.0, 0.0)
         # Colour purity: the share of the component's pixels that are clean blends of its colour (1.0 on real
         # renders, whose residuals are about 1). Isolation: the share of the ring 2-3 px around it that looks like
         # background (>= 0.94 on real renders: the world's objects never touch). Smeared, multicoloured blobs of a

@@ -11,6 +11,10 @@ so a frame scores >= 0.3 (GenEval's detection threshold, :data:`vgen.eval.video_
 is caption-adherent in :mod:`vgen.eval.video_metrics`' sense, and the worst-frame score of a block is >= tau when
 every frame shows every captioned object at least that confidently. Directions are not scored per frame (motion
 needs several frames; the router's unit is the block).
+
+``MovingShapesFrameScorer(shapes=False)`` (``--scorer moving_shapes_colours``) asks less: the best clean blob of each
+captioned colour, whatever its outline (the detector without its shape fitting, so also several times cheaper). It
+suits models that get colours, counts and positions right before outlines, as small video models do.
 """
 
 from __future__ import annotations
@@ -26,14 +30,15 @@ from vgen.data.moving_shapes import parse_motion_caption
 
 class MovingShapesFrameScorer:
     """Caption adherence of every frame (see the module doc); ``detector``: default the exact Shapes detector (any
-    other needs its ``detect(image, colors=...)``: only the caption's colours are looked for)."""
+    other needs its ``detect(image, colors=..., fit_shapes=...)``: only the caption's colours are looked for).
+    ``shapes=False``: colours only (a blob of the captioned colour counts whatever its outline)."""
 
-    def __init__(self, detector=None):
+    def __init__(self, detector=None, shapes: bool = True):
         if detector is None:
             from vgen.eval.shapes_detector import ShapesDetector
 
             detector = ShapesDetector()
-        self.detector = detector
+        self.detector, self.shapes = detector, shapes
 
     @staticmethod
     @lru_cache(maxsize=256)
@@ -44,10 +49,11 @@ class MovingShapesFrameScorer:
         """One frame's score in [0, 1]."""
         objects = self._objects(prompt)
         colors = None if any(color is None for _, color in objects) else {color for _, color in objects}
-        detections = self.detector.detect(Image.fromarray(frame_HW3), colors=colors)
+        detections = self.detector.detect(Image.fromarray(frame_HW3), colors=colors, fit_shapes=self.shapes)
         best = []
         for shape, color in objects:
-            hits = [d.score for d in detections if d.label == shape and (color is None or d.color == color)]
+            hits = [d.score for d in detections
+                    if (d.label == shape or not self.shapes) and (color is None or d.color == color)]
             best.append(max(hits, default=0.0))
         return float(min(best))
 
@@ -62,10 +68,13 @@ class MovingShapesFrameScorer:
 
 
 def load_frame_scorer(spec: str | None):
-    """``None`` or ``"moving_shapes"``: :class:`MovingShapesFrameScorer`; ``"module:factory"``: the callable the
-    factory returns (called with no arguments), e.g. a reward model."""
+    """``None`` or ``"moving_shapes"``: :class:`MovingShapesFrameScorer`; ``"moving_shapes_colours"``: the same on
+    colours only; ``"module:factory"``: the callable the factory returns (called with no arguments), e.g. a reward
+    model."""
     if spec in (None, "moving_shapes"):
         return MovingShapesFrameScorer()
+    if spec == "moving_shapes_colours":
+        return MovingShapesFrameScorer(shapes=False)
     from vgen.errors import UserError
     from vgen.eval.geneval import load_plugin
 

@@ -5,6 +5,7 @@ the chosen block reaches both caches, per-video decisions, the Moving Shapes sco
 import math
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 
@@ -191,6 +192,35 @@ def test_moving_shapes_scorer_reads_caption_adherence_per_frame():
     assert load_frame_scorer("test_sdvg:_scorer_factory")(blank, [caption]).shape == (1, 2)
     with pytest.raises(UserError, match="module:factory"):
         load_frame_scorer("no-colon")
+
+
+def test_colour_scorer_reads_the_captioned_colours_whatever_the_outline():
+    """``moving_shapes_colours``: the detector without shape fitting. The same blobs as the full detector, each scored
+    by its colour part alone (so at least the full score), and a caption's shape no longer matters; its colours do."""
+    from vgen.eval.shapes_detector import ShapesDetector
+    from vgen.eval.video_metrics import MIN_SCORE, real_videos
+    from vgen.eval.video_scorers import MovingShapesFrameScorer, load_frame_scorer
+
+    colours = load_frame_scorer("moving_shapes_colours")
+    assert isinstance(colours, MovingShapesFrameScorer) and not colours.shapes
+    (frames, caption), = real_videos(1, 4, 32, seed=3)
+    full = MovingShapesFrameScorer()(frames[None], [caption])
+    by_colour = colours(frames[None], [caption])
+    assert by_colour.min() >= MIN_SCORE and (by_colour >= full - 1e-12).all()
+    words = caption.split()
+    colour, shape = words[1], words[2]
+    other_shape = "hexagon" if shape != "hexagon" else "star"
+    wrong_shape = f"a {colour} {other_shape} moving up"
+    assert MovingShapesFrameScorer()(frames[None], [wrong_shape]).max() < MIN_SCORE
+    assert (colours(frames[None], [wrong_shape]) >= MIN_SCORE).all()
+    other_colour = next(c for c in ("red", "blue", "green", "orange") if c not in words)
+    assert colours(frames[None], [f"a {other_colour} {shape} moving up"]).max() < MIN_SCORE
+    detector = ShapesDetector()
+    image = Image.fromarray(frames[0])
+    fitted, blobs = detector.detect(image), detector.detect(image, fit_shapes=False)
+    assert sorted(d.color for d in fitted) == sorted(d.color for d in blobs) and {d.label for d in blobs} == {""}
+    assert all(b.score >= f.score - 1e-12 for f, b in zip(sorted(fitted, key=lambda d: d.box),
+                                                          sorted(blobs, key=lambda d: d.box)))
 
 
 def _scorer_factory():

@@ -258,7 +258,8 @@ def test_ship_script_writes_fp16_weights_with_a_valid_head_profile(tmp_path):
 
     trained = tmp_path / "final"
     tiny_pipeline().save_pretrained(trained)
-    report = evaluate_video_model(VideoPipeline.from_pretrained(trained), videos=2, lengths=(1,), modes=("full",),
+    report = evaluate_video_model(VideoPipeline.from_pretrained(trained), videos=2, lengths=(1,),
+                                  modes=("full", "forcing_kv"),
                                   batch_size=2, workers=1, log=lambda line: None)
     assert report["settings"]["model"] == str(trained.resolve())
     (tmp_path / "eval.json").write_text(json.dumps(report))
@@ -266,8 +267,9 @@ def test_ship_script_writes_fp16_weights_with_a_valid_head_profile(tmp_path):
     assert ship.main([str(trained), "--eval", str(tmp_path / "eval.json"), "--out", str(out),
                       "--cache", "forcing_kv"]) == 0
     card = (out / "README.md").read_text()
-    full = next(row for row in report["results"] if row["mode"] == "full")
-    assert f"| caption adherence, full cache | {round(full['caption_adherence'], 4):g} |" in card
+    kv = next(row for row in report["results"] if row["mode"] == "forcing_kv")  # the shipped default cache
+    assert f"| caption adherence, forcing_kv cache | {round(kv['caption_adherence'], 4):g} |" in card
+    assert "full cache" not in card
     assert "--model shipped " in card and ".tmp" not in card
     assert "per-frame Shapes-FID, real renders of the same captions (ceiling)" in card
     from safetensors.torch import load_file

@@ -6,8 +6,8 @@ model card whose scores come from a ``vgen eval video`` report.
 
 The weights are stored in fp16 (loading upcasts them to fp32). The Forcing-KV head profile (``head_profile.json``,
 from ``vgen profile-heads``) must be beside the model: its fingerprint is taken on fp16-rounded weights, so it stays
-valid for the fp16 copy. The card's scores are the report's rows at the training length (every cache mode it holds,
-and the real-render ceiling); the report must have been made on this model (its path is checked). Refuses a result
+valid for the fp16 copy. The card's scores are the report's rows at the training length for the default cache and the
+real-render ceiling; the report must have been made on this model (its path is checked). Refuses a result
 over :data:`VIDEO_MODEL_BUDGET_BYTES` or one that would take vgen/assets over its budget.
 """
 
@@ -29,17 +29,19 @@ CARD_METRICS = {"caption_adherence": "caption adherence", "identity_persistence"
                 "motion_adherence": "motion adherence", "shapes_fid": "per-frame Shapes-FID"}
 
 
-def eval_scores(report: dict) -> list[Score]:
-    """The card's scores from a ``vgen eval video`` report: every metric of :data:`CARD_METRICS` for every mode at
-    the training length (``length_multiple`` 1)."""
+def eval_scores(report: dict, cache: str) -> list[Score]:
+    """The card's scores from a ``vgen eval video`` report: every metric of :data:`CARD_METRICS` at the training
+    length (``length_multiple`` 1) for the model's default ``cache`` and for the real renders (the ceiling)."""
     settings = report.get("settings") or {}
-    rows = [row for row in report.get("results") or [] if row.get("length_multiple") == 1]
-    if not rows:
-        raise UserError("the --eval report has no results at the training length; make it with "
-                        "'vgen eval video --model RUN/final --videos 200 --lengths 1,2,4 > EVAL.json'")
+    rows = [row for row in report.get("results") or []
+            if row.get("length_multiple") == 1 and row.get("mode") in ("real", cache)]
+    if {row["mode"] for row in rows} != {"real", cache}:
+        raise UserError(f"the --eval report has no rows for the real renders and the {cache} cache at the training "
+                        "length; make it with 'vgen eval video --model RUN/final --videos 200 --lengths 1,2,4 > "
+                        "EVAL.json'")
     how = (f"`vgen eval video`: {settings.get('videos')} Moving Shapes captions, one video each (seeds from "
-           f"{settings.get('seed')}), {settings.get('training_frames')} frames, the saved sampling defaults; exact "
-           "Shapes detector on every frame")
+           f"{settings.get('seed')}), {settings.get('training_frames')} frames (the training length), the saved "
+           "sampling defaults; exact Shapes detector on every frame")
     scores = []
     for row in rows:
         what = "real renders of the same captions (ceiling)" if row["mode"] == "real" else f"{row['mode']} cache"
@@ -48,7 +50,7 @@ def eval_scores(report: dict) -> list[Score]:
     return scores
 
 
-def video_model_card(report: dict, training: str) -> ModelCardInfo:
+def video_model_card(report: dict, training: str, cache: str) -> ModelCardInfo:
     return ModelCardInfo(
         title="vgen moving-shapes-video: a block-causal AR video diffusion model for the 32 px Moving Shapes world",
         summary="A small block-causal video transformer that writes a clip block by block (4 latent frames per "
@@ -59,8 +61,8 @@ def video_model_card(report: dict, training: str) -> ModelCardInfo:
         "so that `vgen generate-video` and `vgen stream` work without training; it is small and CPU-trained, so "
         "the objects' outlines are soft and it follows captions only part of the time (scores below).",
         training=training,
-        scores=eval_scores(report),
-        **OWN_WEIGHTS,
+        scores=eval_scores(report, cache),
+        **{**OWN_WEIGHTS, "source": "vgen's own training run (configs/moving_shapes/train_video_model.sh)"},
     )
 
 
@@ -88,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--eval {args.eval} scores {evaluated}, not {model_dir}; evaluate this model")
         if args.cache is not None:
             pipe.register_to_config(default_cache=pipe.option("cache").check(args.cache))
-        size = ship_pipeline(pipe, args.out, "vgen-moving-shapes-video", video_model_card(report, args.training),
-                             budget_bytes=VIDEO_MODEL_BUDGET_BYTES)
+        card = video_model_card(report, args.training, pipe.resolve_sampling()["cache"])
+        size = ship_pipeline(pipe, args.out, "vgen-moving-shapes-video", card, budget_bytes=VIDEO_MODEL_BUDGET_BYTES)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

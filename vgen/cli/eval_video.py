@@ -21,7 +21,8 @@ def register_video_eval(sub) -> None:
 
     parser = sub.add_parser("video", help="video quality per KV cache and rollout length (Moving Shapes; JSON)",
                             description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="video pipeline folder saved by 'vgen train video' (no video model ships with vgen yet)")
+    parser.add_argument("--model", default=None, help="video pipeline folder saved by 'vgen train video' "
+                        "(default: the shipped Moving Shapes model)")
     parser.add_argument("--videos", type=int, default=200, help="videos per mode and length (default 200)")
     parser.add_argument("--lengths", default="1,2,4", help="multiples of the training length (default 1,2,4)")
     parser.add_argument("--modes", default="full,sink_window,forcing_kv", help="comma-separated cache modes")

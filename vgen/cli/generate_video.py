@@ -1,11 +1,12 @@
 """``vgen generate-video``: a video from a saved video pipeline, as .mp4, .gif or a .png frame strip.
 
-    vgen generate-video --model runs/video_sf/final "a red circle moving right" --frames 48 --out clip.mp4
+    vgen generate-video "a red circle moving right" --frames 48 --out clip.mp4      # the shipped model
+    vgen generate-video --model runs/video_sf/final "a red circle moving right" --out clip.gif
     vgen generate-video --model M "a red circle moving right" --frames 64 --cache forcing_kv --out clip.gif
     vgen generate-video --model M "a red circle moving right" --switch-at 24 "a red circle moving left" --out turn.png
 
-``--model`` is a folder saved by ``vgen train video`` (no video model ships with vgen yet; once one does, it is the
-default). Video i of ``--n`` uses seed ``--seed + i``. The
+``--model`` is a folder saved by ``vgen train video``; without it the Moving Shapes model shipped in the package
+(``vgen/assets/default_video_model``) is used. Video i of ``--n`` uses seed ``--seed + i``. The
 resolved settings are written beside the output (``clip.json``). Every sampling flag left out takes the model's
 saved setting. ``.mp4`` needs the optional extra ``pip install 'vgen[video]'``.
 """
@@ -43,7 +44,8 @@ def register(subparsers) -> None:
     )
     parser.add_argument("prompt", help="the prompt, e.g. 'a red circle moving right' (quote it)")
     parser.add_argument("--model", default=None,
-                        help="video pipeline folder saved by 'vgen train video' (no video model ships with vgen yet)")
+                        help="video pipeline folder saved by 'vgen train video' "
+                        "(default: the shipped Moving Shapes model)")
     parser.add_argument("--frames", type=int, default=None,
                         help="frames to generate, a multiple of the model's block size (default: its training length)")
     parser.add_argument("--n", type=int, default=1, help="videos, shown side by side (default 1)")

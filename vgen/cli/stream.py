@@ -1,6 +1,7 @@
 """``vgen stream``: serve the live video demo (one page + a websocket that streams JPEG frames block by block).
 
-    vgen stream --model runs/video_sf/final      # a trained video model on http://127.0.0.1:8000
+    vgen stream                                  # the shipped Moving Shapes model on http://127.0.0.1:8000
+    vgen stream --model runs/video_sf/final      # a video model you trained
     vgen stream --model runs/video_sf/final --port 8080 --max-viewers 8
 
 Open the printed address in a browser: a prompt box, start / stop, the cache mode, SDVG on / off with its threshold,
@@ -22,7 +23,8 @@ EXTRA_MODULES = ("fastapi", "uvicorn", "websockets")
 def register(subparsers) -> None:
     parser = subparsers.add_parser("stream", help="serve the live video demo in the browser (FastAPI + websocket)",
                                    description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="video pipeline folder saved by 'vgen train video' (no video model ships with vgen yet)")
+    parser.add_argument("--model", default=None, help="video pipeline folder saved by 'vgen train video' "
+                        "(default: the shipped Moving Shapes model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--max-viewers", type=int, default=4, help="viewers at once; one more is refused (default 4)")
@@ -30,8 +32,9 @@ def register(subparsers) -> None:
                         help="SDVG's drafter: the model with this many steps per block (default 1)")
     parser.add_argument("--tau", type=float, default=0.3, help="the page's initial SDVG threshold (default 0.3)")
     parser.add_argument("--scorer", default="moving_shapes",
-                        help="SDVG frame scorer: 'moving_shapes' (caption adherence by the exact Shapes detector) or "
-                             "module:factory returning scorer(frames, prompts) -> (B, f) scores")
+                        help="SDVG frame scorer: 'moving_shapes' (caption adherence by the exact Shapes detector), "
+                             "'moving_shapes_colours' (the captioned colours only, cheaper) or module:factory "
+                             "returning scorer(frames, prompts) -> (B, f) scores")
     parser.add_argument("--full-cache-frames", type=int, default=None,
                         help="length of a stream on the full cache (default: 4x the model's training length)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
