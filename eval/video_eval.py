@@ -109,8 +109,8 @@ def evaluate_video_model(pipe, videos: int = 200, lengths: tuple[int, ...] = (1,
                 save_video(list(generated[:4]), out_dir / f"{mode}_x{length}.png", scale=2, captions=captions[:4])
     folder = getattr(pipe, "name_or_path", None)  # the folder it was loaded from (None for a pipeline in memory)
     model = str(Path(folder).resolve()) if folder and Path(folder).is_dir() else None
-    report = {"settings": {"model": model, "videos": videos, "lengths": list(lengths), "modes": list(modes), "seed": seed,
-                           "world_seed": world_seed, "batch_size": batch_size,
+    report = {"settings": {"model": model, "videos": videos, "lengths": list(lengths), "modes": list(modes),
+                           "seed": seed, "world_seed": world_seed, "batch_size": batch_size,
                            "sampling": pipe.resolve_sampling(**sampling), "training_frames": base},
               "results": rows}
     if out_dir is not None:
