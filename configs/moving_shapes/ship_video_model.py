@@ -8,7 +8,7 @@ The weights are stored in fp16 (loading upcasts them to fp32). The Forcing-KV he
 from ``vgen profile-heads``) must be beside the model: its fingerprint is taken on fp16-rounded weights, so it stays
 valid for the fp16 copy. The card's scores are the report's rows at the training length for the default cache and the
 real-render ceiling; the report must have been made on this model (its path is checked). Refuses a result
-over :data:`VIDEO_MODEL_BUDGET_BYTES` or one that would take vgen/assets over its budget.
+over :data:`vgen.pipelines.VIDEO_MODEL_BUDGET_BYTES` or one that would take vgen/assets over its budget.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import sys
 from pathlib import Path
 
 from vgen.errors import UserError
+from vgen.pipelines import VIDEO_MODEL_BUDGET_BYTES
 from vgen.pipelines.model_card import ModelCardInfo, Score
 from vgen.pipelines.shipping import OWN_WEIGHTS, ship_pipeline
 from vgen.pipelines.video import DEFAULT_VIDEO_MODEL_DIR, load_video_pipeline
 
-VIDEO_MODEL_BUDGET_BYTES = 8 * 10**6
 #: the report's metrics that go on the card, with their names there
 CARD_METRICS = {"caption_adherence": "caption adherence", "identity_persistence": "identity persistence",
                 "motion_adherence": "motion adherence", "shapes_fid": "per-frame Shapes-FID"}

@@ -13,6 +13,8 @@ ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_MODEL_DIR = ASSETS_DIR / "default_model"
 #: Most bytes of weights a packaged model may take (it ships inside every install).
 DEFAULT_MODEL_BUDGET_BYTES = 25 * 10**6
+#: Most bytes of weights the packaged video model may take (the streaming demo's model, in every install).
+VIDEO_MODEL_BUDGET_BYTES = 8 * 10**6
 #: Most bytes of everything under vgen/assets together (a wheel must fit the usual 100 MB upload limit).
 ASSETS_BUDGET_BYTES = 90 * 10**6
 #: The models shipped inside the package, by the name ``--model`` takes for them (an existing folder of that name

@@ -10,7 +10,7 @@ import torch
 
 from vgen.errors import UserError
 from vgen.pipelines import ASSETS_BUDGET_BYTES, ASSETS_DIR, DEFAULT_MODEL_BUDGET_BYTES
-from vgen.pipelines.model_card import ModelCardInfo, write_model_card
+from vgen.pipelines.model_card import ModelCardInfo
 
 
 #: the licence fields of a card for weights vgen trained itself (``ModelCardInfo(**OWN_WEIGHTS, ...)``)
@@ -39,23 +39,25 @@ def ship_pipeline(pipe, out: str | Path, name: str, card: ModelCardInfo,
         if hasattr(module, "register_to_config"):
             module.register_to_config(_name_or_path=f"{name}/{component}")
     pipe.model_card = card
-    staging = out.with_name(out.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    pipe.save_pretrained(str(staging), dtype=torch.float16)
-    size = weights_bytes(staging)
-    if size > budget_bytes:
-        shutil.rmtree(staging)
-        raise UserError(f"the weights take {size / 1e6:.1f} MB, over the {budget_bytes / 1e6:.0f} MB budget of a "
-                        "shipped model; ship a smaller model")
-    if out.resolve().parent == ASSETS_DIR.resolve():
-        replaced = (out.resolve(), staging.resolve())
-        others = sum(p.stat().st_size for p in ASSETS_DIR.resolve().rglob("*")
-                     if p.is_file() and not any(folder in p.parents for folder in replaced))
-        if others + size > ASSETS_BUDGET_BYTES:
-            shutil.rmtree(staging)
-            raise UserError(f"vgen/assets would hold {(others + size) / 1e6:.1f} MB, over its "
-                            f"{ASSETS_BUDGET_BYTES / 1e6:.1f} MB budget; ship a smaller model")
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
-    write_model_card(pipe, out)  # again: the card names the folder it was written in (the staging one)
+    # written under a folder of its own name (so the card names it right) inside a scratch folder next to ``out``
+    scratch = out.with_name(out.name + ".tmp")
+    staging = scratch / out.name
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        pipe.save_pretrained(str(staging), dtype=torch.float16)
+        size = weights_bytes(staging)
+        if size > budget_bytes:
+            raise UserError(f"the weights take {size / 1e6:.1f} MB, over the {budget_bytes / 1e6:.0f} MB budget of "
+                            "a shipped model; ship a smaller model")
+        if out.resolve().parent == ASSETS_DIR.resolve():
+            replaced = (out.resolve(), scratch.resolve())
+            others = sum(p.stat().st_size for p in ASSETS_DIR.resolve().rglob("*")
+                         if p.is_file() and not any(folder in p.parents for folder in replaced))
+            if others + size > ASSETS_BUDGET_BYTES:
+                raise UserError(f"vgen/assets would hold {(others + size) / 1e6:.1f} MB, over its "
+                                f"{ASSETS_BUDGET_BYTES / 1e6:.1f} MB budget; ship a smaller model")
+        shutil.rmtree(out, ignore_errors=True)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return size
